@@ -1,0 +1,342 @@
+"""Agent-only SPOP load generator: NOTIFY -> ACK throughput, latency and agent CPU.
+
+Starts ``spoa serve`` (or connects to ``--connect``), opens several
+connections, HELLOs like HAProxy 2.6 and keeps NOTIFY frames of the design's
+``route`` message in flight (pipelined). Prints decisions per second, p50/p99
+latency from NOTIFY written to ACK read, and the agent's CPU time per decision
+(from /proc, so it does not depend on how fast this generator is).
+
+Two modes:
+  * closed loop (default): every connection keeps ``--window`` frames in
+    flight; measures the agent's capacity;
+  * open loop (``--rate N``): N frames per second spread over 1 ms ticks;
+    measures latency at a given load.
+
+    python bench/spop_load.py                      # capacity, agent on core 0
+    python bench/spop_load.py --rate 75000         # latency at 75k/s
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from spoa.spop import Message, decode_varint  # noqa: E402
+from spoa.spop.peer import haproxy_hello, notify  # noqa: E402
+
+_LENGTH = struct.Struct(">I")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+#: A realistic mix of what HAProxy sends for Matrix traffic.
+REQUESTS = [
+    (
+        "GET",
+        "/_matrix/client/v3/sync",
+        "since=s72594_4483_1934&timeout=30000",
+        "Bearer syt_YWxpY2U_GkqDPRyLvbBAfVZfOXAH_2dCzpZ",
+    ),
+    (
+        "PUT",
+        "/_matrix/client/v3/rooms/%21OGEhHVWSdvArJzumhm%3Amatrix.org/send/m.room.message/m1",
+        "",
+        "Bearer syt_Ym9i_xQZyNEdKbSwvThDPTWaA_3k9JqA",
+    ),
+    (
+        "PUT",
+        "/_matrix/federation/v1/send/1700000000123",
+        "",
+        'X-Matrix origin="remote.example.org",destination="example.org",key="ed25519:abc",'
+        'sig="dGhpcyBpcyBub3QgYSByZWFsIHNpZ25hdHVyZQ"',
+    ),
+    ("GET", "/_matrix/media/v3/download/example.org/abcdefGHIJ", "", ""),
+    (
+        "GET",
+        "/_matrix/client/v3/rooms/!abc:example.org/messages",
+        "dir=b&limit=20",
+        "Bearer syt_Y2Fyb2w_aaaaaaaaaaaaaaaaaaaa_1a2b3c",
+    ),
+]
+
+
+def route_message(i: int) -> Message:
+    method, path, query, auth = REQUESTS[i % len(REQUESTS)]
+    return Message(
+        "route",
+        {
+            "method": method,
+            "path": path,
+            "query": query or None,
+            "auth": auth or None,
+            "src": IPv4Address(0x0A000000 + i % 4096),
+        },
+    )
+
+
+@dataclass
+class Totals:
+    acks: int = 0
+    sent: int = 0
+    latencies: list[int] = field(default_factory=list)
+    recording: bool = False
+
+
+class LoadConnection(asyncio.Protocol):
+    """One HAProxy-like connection with ``window`` stream slots."""
+
+    def __init__(self, window: int, totals: Totals, ready: asyncio.Future[None]) -> None:
+        self.window = window
+        self.totals = totals
+        self.ready = ready
+        # Slot s uses stream-id s+1; its frame is prebuilt, only the send
+        # time changes.
+        self.frames = [notify(s + 1, 1, [route_message(s)]) for s in range(window)]
+        self.free = list(range(window))
+        self.sent_at = [0] * window
+        self.buf = b""
+        self.hello_done = False
+        self.closed_loop = True
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        assert self.transport is not None
+        self.transport.write(haproxy_hello())
+
+    def send(self, count: int) -> int:
+        """Send up to ``count`` frames on free slots; return how many."""
+        free = self.free
+        n = min(count, len(free))
+        if n <= 0 or self.transport is None:
+            return 0
+        now = time.perf_counter_ns()
+        frames = self.frames
+        sent_at = self.sent_at
+        out = []
+        for _ in range(n):
+            slot = free.pop()
+            sent_at[slot] = now
+            out.append(frames[slot])
+        self.transport.write(b"".join(out))
+        self.totals.sent += n
+        return n
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data if self.buf else data
+        pos = 0
+        size = len(buf)
+        now = time.perf_counter_ns()
+        done = 0
+        totals = self.totals
+        record = totals.recording
+        lat = totals.latencies
+        sent_at = self.sent_at
+        free = self.free
+        while size - pos >= 4:
+            (length,) = _LENGTH.unpack_from(buf, pos)
+            end = pos + 4 + length
+            if end > size:
+                break
+            frame_type = buf[pos + 4]
+            if frame_type == 103:
+                sid, _ = decode_varint(buf, pos + 9, end)
+                slot = sid - 1
+                if record:
+                    lat.append(now - sent_at[slot])
+                free.append(slot)
+                done += 1
+            elif frame_type == 101:
+                self.hello_done = True
+                if not self.ready.done():
+                    self.ready.set_result(None)
+            elif frame_type == 102:
+                print("agent disconnected:", buf[pos:end], file=sys.stderr)
+            pos = end
+        self.buf = buf[pos:] if pos < size else b""
+        if done:
+            totals.acks += done
+            if self.closed_loop:
+                self.send(done)
+
+
+def agent_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def percentile(sorted_values: list[int], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    index = min(len(sorted_values) - 1, int(q * len(sorted_values)))
+    return sorted_values[index] / 1000.0
+
+
+def start_agent(cpu: int | None, loop: str, extra: list[str]) -> tuple[subprocess.Popen[str], int]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "spoa",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--loop",
+        loop,
+        "--log-level",
+        "WARNING",
+        *extra,
+    ]
+    # The agent logs its port at INFO; ask for it explicitly.
+    cmd[cmd.index("WARNING")] = "INFO"
+    proc = subprocess.Popen(
+        cmd,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        preexec_fn=(lambda: os.sched_setaffinity(0, {cpu})) if cpu is not None else None,  # noqa: PLW1509
+    )
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        found = re.search(r"listening for SPOP on \S+:(\d+)", line)
+        if found:
+            return proc, int(found.group(1))
+    proc.kill()
+    raise SystemExit("agent did not start")
+
+
+async def run(args: argparse.Namespace, port: int, pid: int | None) -> dict[str, float]:
+    loop = asyncio.get_running_loop()
+    totals = Totals()
+    conns: list[LoadConnection] = []
+    for _ in range(args.connections):
+        ready: asyncio.Future[None] = loop.create_future()
+        _, proto = await loop.create_connection(
+            lambda ready=ready: LoadConnection(args.window, totals, ready),  # type: ignore[misc]
+            "127.0.0.1",
+            port,
+        )
+        conns.append(proto)
+        await ready
+    open_loop = args.rate > 0
+    for conn in conns:
+        conn.closed_loop = not open_loop
+
+    async def pace() -> None:
+        # 1 ms ticks; carry the fractional frames over.
+        per_tick = args.rate / 1000.0
+        credit = 0.0
+        next_tick = loop.time()
+        i = 0
+        while True:
+            credit += per_tick
+            n = int(credit)
+            credit -= n
+            while n > 0:
+                sent = conns[i % len(conns)].send(min(n, max(1, n // len(conns))))
+                i += 1
+                if sent == 0 and all(not c.free for c in conns):
+                    break
+                n -= sent
+            next_tick += 0.001
+            await asyncio.sleep(max(0.0, next_tick - loop.time()))
+
+    pacer = None
+    if open_loop:
+        pacer = loop.create_task(pace())
+    else:
+        for conn in conns:
+            conn.send(args.window)
+
+    await asyncio.sleep(args.warmup)
+    totals.recording = True
+    acks0 = totals.acks
+    cpu0 = agent_cpu_seconds(pid) if pid else 0.0
+    t0 = time.perf_counter()
+    await asyncio.sleep(args.duration)
+    elapsed = time.perf_counter() - t0
+    cpu1 = agent_cpu_seconds(pid) if pid else 0.0
+    acks = totals.acks - acks0
+    totals.recording = False
+    if pacer:
+        pacer.cancel()
+    for conn in conns:
+        if conn.transport:
+            conn.transport.close()
+    lat = sorted(totals.latencies)
+    result = {
+        "decisions_per_s": acks / elapsed,
+        "p50_us": percentile(lat, 0.50),
+        "p99_us": percentile(lat, 0.99),
+        "p999_us": percentile(lat, 0.999),
+        "agent_cpu_us_per_decision": (cpu1 - cpu0) / acks * 1e6 if pid and acks else float("nan"),
+        "agent_cpu_share": (cpu1 - cpu0) / elapsed if pid else float("nan"),
+    }
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--window", type=int, default=64, help="frames in flight per connection")
+    parser.add_argument("--rate", type=float, default=0, help="open loop: frames per second")
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--connect", type=int, metavar="PORT", help="use a running agent")
+    parser.add_argument("--agent-cpu", type=int, default=0, help="core to pin the agent to")
+    parser.add_argument("--load-cpu", type=int, default=1, help="core to pin this generator to")
+    parser.add_argument("--agent-loop", default="auto", choices=("auto", "uvloop", "asyncio"))
+    parser.add_argument("agent_args", nargs="*", help="extra arguments for spoa serve (after --)")
+    args = parser.parse_args()
+
+    proc = None
+    if args.connect:
+        port, pid = args.connect, None
+    else:
+        proc, port = start_agent(args.agent_cpu, args.agent_loop, args.agent_args)
+        pid = proc.pid
+    if args.load_cpu is not None and args.load_cpu < (os.cpu_count() or 1):
+        os.sched_setaffinity(0, {args.load_cpu})
+    try:
+        try:
+            import uvloop
+
+            runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+        except ImportError:
+            runner = asyncio.Runner()
+        with runner:
+            result = runner.run(run(args, port, pid))
+    finally:
+        if proc:
+            proc.terminate()
+            proc.wait(10)
+    load1, load5, _ = os.getloadavg()
+    mode = f"open loop at {args.rate:.0f}/s" if args.rate else f"closed loop, window {args.window}"
+    print(
+        f"spop_load: {args.connections} connections, {mode}, {args.duration:.0f}s "
+        f"(load average before exit {load1:.2f} {load5:.2f})"
+    )
+    print(f"  decisions/s          {result['decisions_per_s']:12,.0f}")
+    print(f"  latency p50          {result['p50_us']:12.1f} us")
+    print(f"  latency p99          {result['p99_us']:12.1f} us")
+    print(f"  latency p99.9        {result['p999_us']:12.1f} us")
+    print(f"  agent CPU/decision   {result['agent_cpu_us_per_decision']:12.2f} us")
+    print(f"  agent CPU share      {result['agent_cpu_share']:12.2f} of one core")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
