@@ -236,23 +236,23 @@ async def run(args: argparse.Namespace, port: int, pid: int | None) -> dict[str,
         conn.closed_loop = not open_loop
 
     async def pace() -> None:
-        # 1 ms ticks; carry the fractional frames over.
-        per_tick = args.rate / 1000.0
-        credit = 0.0
-        next_tick = loop.time()
+        # Busy-paced on this generator's own core: frames go out as they fall
+        # due, a few at a time, like requests reaching HAProxy, rather than in
+        # bursts per timer tick (which would measure the burst, not the agent).
+        t0 = time.perf_counter()
+        due_total = 0
         i = 0
         while True:
-            credit += per_tick
-            n = int(credit)
-            credit -= n
-            while n > 0:
-                sent = conns[i % len(conns)].send(min(n, max(1, n // len(conns))))
+            target = int((time.perf_counter() - t0) * args.rate)
+            while due_total < target:
+                conn = conns[i % len(conns)]
                 i += 1
-                if sent == 0 and all(not c.free for c in conns):
+                if conn.send(1):
+                    due_total += 1
+                elif all(not c.free for c in conns):
+                    # Every slot busy: the agent is behind; the frame waits.
                     break
-                n -= sent
-            next_tick += 0.001
-            await asyncio.sleep(max(0.0, next_tick - loop.time()))
+            await asyncio.sleep(0)
 
     pacer = None
     if open_loop:

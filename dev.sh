@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Set-up and entry points for matrix-spoa on Debian or Ubuntu.
+#
+#   ./dev.sh run     start the agent on 127.0.0.1:12345 (installs what it needs)
+#   ./dev.sh test    lint, type-check and run every test (installs what it needs)
+#   ./dev.sh bench   run the benchmarks
+#
+# Installs HAProxy from the distribution when it is missing (as root, or with
+# sudo), and the Python dependencies into .venv.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV=.venv
+PY="$VENV/bin/python"
+
+say() { printf '%s\n' "dev.sh: $*" >&2; }
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"
+    elif command -v sudo >/dev/null; then sudo "$@"
+    else say "need root to run: $*"; return 1
+    fi
+}
+
+APT_UPDATED=0
+apt_install() {
+    if ! command -v apt-get >/dev/null; then
+        say "missing: $*; this is not a Debian or Ubuntu system, install them by hand"
+        return 1
+    fi
+    if [ "$APT_UPDATED" = 0 ]; then
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        APT_UPDATED=1
+    fi
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+ensure_haproxy() {
+    if ! command -v haproxy >/dev/null && [ ! -x /usr/sbin/haproxy ]; then
+        say "installing HAProxy from the distribution"
+        apt_install haproxy || { say "could not install haproxy"; exit 1; }
+    fi
+    # The distribution's service is not ours: never leave it holding ports.
+    if command -v systemctl >/dev/null && systemctl is-active --quiet haproxy 2>/dev/null; then
+        as_root systemctl stop haproxy || true
+    fi
+}
+
+ensure_venv() {
+    if ! python3 -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null; then
+        say "Python 3.11 or newer is required (python3 is $(python3 --version 2>&1))"
+        exit 1
+    fi
+    if [ ! -x "$PY" ]; then
+        if ! python3 -m venv "$VENV" 2>/dev/null; then
+            rm -rf "$VENV"
+            say "installing python3-venv"
+            apt_install python3-venv
+            python3 -m venv "$VENV"
+        fi
+    fi
+    local stamp="$VENV/.installed" want
+    want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+    if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+        say "installing Python dependencies into $VENV"
+        "$PY" -m pip install -q --disable-pip-version-check --upgrade pip
+        "$PY" -m pip install -q --disable-pip-version-check -e '.[dev]'
+        echo "$want" > "$stamp"
+    fi
+}
+
+cmd=${1:-help}
+shift || true
+case "$cmd" in
+    run)
+        ensure_venv
+        exec "$VENV/bin/spoa" serve "$@"
+        ;;
+    test)
+        ensure_haproxy
+        ensure_venv
+        say "ruff"
+        "$VENV/bin/ruff" check spoa tests bench
+        "$VENV/bin/ruff" format --check spoa tests bench
+        say "mypy (strict)"
+        "$VENV/bin/mypy"
+        say "pytest"
+        exec "$PY" -m pytest "$@"
+        ;;
+    bench)
+        ensure_venv
+        "$PY" bench/spop_load.py "$@"
+        "$PY" bench/spop_load.py --rate 75000 "$@"
+        ;;
+    *)
+        sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+        [ "$cmd" = help ] || exit 2
+        ;;
+esac

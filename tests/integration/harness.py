@@ -1,0 +1,268 @@
+"""Real processes on loopback for integration tests: HAProxy, agents, HTTP backends.
+
+Everything binds to 127.0.0.1 on ports chosen at run time, writes into a
+temporary directory, and is stopped by the test that started it.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def haproxy_binary() -> str:
+    path = shutil.which("haproxy") or (
+        "/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None
+    )
+    if path is None:
+        raise RuntimeError(
+            "haproxy is not installed: the integration tests need Debian's haproxy package "
+            "(the README's test command installs it)"
+        )
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+# -- HTTP backends standing in for Synapse workers ------------------------------------------
+
+
+class _Backend(BaseHTTPRequestHandler):
+    server: _BackendServer
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        body = f"{self.server.label}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Served-By", self.server.label)
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_PUT = do_POST = do_DELETE = _answer  # noqa: N815 (http.server's names)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class _BackendServer(ThreadingHTTPServer):
+    daemon_threads = True
+    label = ""
+
+
+@dataclass
+class Backend:
+    label: str
+    port: int
+    server: _BackendServer
+
+
+@contextmanager
+def http_backends(labels: Sequence[str]) -> Iterator[dict[str, Backend]]:
+    """One HTTP server per label; each answers every request with its label."""
+    backends: dict[str, Backend] = {}
+    try:
+        for label in labels:
+            server = _BackendServer(("127.0.0.1", 0), _Backend)
+            server.label = label
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+            backends[label] = Backend(label, server.server_address[1], server)
+        yield backends
+    finally:
+        for backend in backends.values():
+            backend.server.shutdown()
+            backend.server.server_close()
+
+
+# -- agents -------------------------------------------------------------------------------
+
+
+class AgentProcess:
+    """An agent started as its own process; its SPOP address read from its log."""
+
+    def __init__(self, args: Sequence[str], log_path: Path) -> None:
+        self.args = list(args)
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.address = ""
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rpartition(":")[2])
+
+    def start(self, timeout: float = 20.0) -> AgentProcess:
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, *self.args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log_path.read_bytes()[offset:].decode(errors="replace")
+            found = re.search(r"listening for SPOP on (\S+)", text)
+            if found:
+                self.address = found.group(1)
+                return self
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited {self.proc.returncode}:\n{text}")
+            time.sleep(0.05)
+        raise AssertionError(f"agent did not start within {timeout}s")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+# -- HAProxy ------------------------------------------------------------------------------
+
+
+class HAProxy:
+    """``haproxy -db`` on a configuration written to ``workdir``."""
+
+    def __init__(self, workdir: Path, config: str, spoe: str | None = None) -> None:
+        self.workdir = workdir
+        self.config_path = workdir / "haproxy.cfg"
+        self.config_path.write_text(config)
+        if spoe is not None:
+            (workdir / "spoe.conf").write_text(spoe)
+        self.log_path = workdir / "haproxy.log"
+        self.admin_socket = workdir / "admin.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def check(self) -> None:
+        result = subprocess.run(
+            [haproxy_binary(), "-c", "-f", str(self.config_path)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    def start(self, port: int) -> HAProxy:
+        self.check()
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [haproxy_binary(), "-db", "-f", str(self.config_path)],
+            cwd=self.workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        wait_until(lambda: port_open(port), 15, "HAProxy to listen")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def admin(self, command: str) -> str:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
+            sock.connect(str(self.admin_socket))
+            sock.sendall(command.encode() + b"\n")
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode()
+
+    def server_status(self, backend: str, server: str) -> str:
+        """UP, DOWN, MAINT... as the stats CSV says."""
+        lines = self.admin("show stat").splitlines()
+        header = lines[0].lstrip("# ").split(",")
+        for line in lines[1:]:
+            row = dict(zip(header, line.split(","), strict=False))
+            if row.get("pxname") == backend and row.get("svname") == server:
+                return row["status"]
+        raise KeyError(f"{backend}/{server} not in stats")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class Response:
+    status: int
+    body: str
+    headers: dict[str, str]
+    seconds: float
+
+
+def http_request(
+    port: int,
+    path: str,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
+    timeout: float = 10.0,
+) -> Response:
+    started = time.monotonic()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        text = response.read().decode(errors="replace")
+        return Response(
+            response.status,
+            text,
+            {k.lower(): v for k, v in response.getheaders()},
+            time.monotonic() - started,
+        )
+    finally:
+        conn.close()
