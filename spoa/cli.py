@@ -1,17 +1,22 @@
-"""The ``spoa`` command line."""
+"""The ``spoa`` command line: serve, check, explain."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from ipaddress import ip_address
+from typing import Any, TextIO
 
 from . import __version__
-from .server import Limits, SpopServer, static_handler
+from .policy import CompiledPolicy, Decision, PolicyError, Request, load_policy
+from .policy.reload import PolicyHolder
+from .routing import RouteHandler
+from .server import Handler, Limits, SpopServer, static_handler
 from .spop import Scope, SetVar
 
 log = logging.getLogger("spoa")
@@ -34,6 +39,13 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the agent")
+    what = serve.add_mutually_exclusive_group(required=True)
+    what.add_argument("--policy", metavar="FILE", help="routing policy (YAML), reloaded live")
+    what.add_argument(
+        "--static-class",
+        metavar="CLASS",
+        help="no policy: answer every request with this worker class",
+    )
     serve.add_argument(
         "--listen",
         action="append",
@@ -42,10 +54,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "(default 127.0.0.1:12345)",
     )
     serve.add_argument(
-        "--static-class",
-        default="main",
-        metavar="CLASS",
-        help="answer every request with this worker class (default: main)",
+        "--poll-interval",
+        type=_positive_float,
+        default=1.0,
+        metavar="S",
+        help="seconds between checks of the policy file (default 1); SIGHUP checks at once",
     )
     serve.add_argument("--max-connections", type=int, default=_LIMITS.max_connections)
     serve.add_argument("--max-frame-size", type=int, default=_LIMITS.max_frame_size)
@@ -66,7 +79,39 @@ def _build_parser() -> argparse.ArgumentParser:
         help="event loop: uvloop when installed (auto), or the standard one",
     )
     serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    check = commands.add_parser("check", help="check a policy file")
+    check.add_argument("policy", metavar="POLICY")
+
+    explain = commands.add_parser(
+        "explain",
+        help="show how a policy routes a request",
+        description="Print the decision for one request, or for JSON lines on stdin "
+        "(--jsonl), as JSON.",
+    )
+    explain.add_argument("policy", metavar="POLICY")
+    explain.add_argument("method", metavar="METHOD", nargs="?")
+    explain.add_argument(
+        "target", metavar="PATH", nargs="?", help="request target: raw path and query"
+    )
+    explain.add_argument(
+        "-H",
+        "--header",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="a request header (only Authorization matters); repeatable",
+    )
+    explain.add_argument("--src", metavar="IP", help="client address")
+    explain.add_argument(
+        "--jsonl",
+        action="store_true",
+        help="read requests as JSON lines ({method, path, headers, src}) from stdin",
+    )
     return parser
+
+
+# -- serve -------------------------------------------------------------------------
 
 
 def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -97,13 +142,24 @@ async def _serve(args: argparse.Namespace) -> int:
         handler_timeout=args.handler_timeout,
         drain_timeout=args.drain_timeout,
     )
-    handler = static_handler(
-        (
-            SetVar(Scope.TXN, "backend", args.static_class),
-            SetVar(Scope.TXN, "rule", "static"),
-            SetVar(Scope.TXN, "policy", "static"),
+    holder: PolicyHolder | None = None
+    handler: Handler
+    if args.policy:
+        try:
+            holder = PolicyHolder(args.policy)
+        except PolicyError as exc:
+            log.error("cannot start: the policy is not usable:\n  %s",
+                      "\n  ".join(str(e) for e in exc.errors))
+            return 1
+        handler = RouteHandler(holder)
+    else:
+        handler = static_handler(
+            (
+                SetVar(Scope.TXN, "backend", args.static_class),
+                SetVar(Scope.TXN, "rule", "static"),
+                SetVar(Scope.TXN, "policy", "static"),
+            )
         )
-    )
     server = SpopServer(handler, limits)
     try:
         await server.start(args.listen or ["127.0.0.1:12345"])
@@ -114,12 +170,138 @@ async def _serve(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    watcher = None
+    if holder is not None:
+        reloading = holder
+        loop.add_signal_handler(signal.SIGHUP, lambda: reloading.reload(force=True))
+        watcher = loop.create_task(holder.watch(args.poll_interval))
     log.info("listening for SPOP on %s", " ".join(server.addresses))
     await stop.wait()
     log.info("stopping: draining %d connections", server.stats.connections_open)
+    if watcher is not None:
+        watcher.cancel()
     await server.drain()
     log.info("stopped")
     return 0
+
+
+# -- check -------------------------------------------------------------------------
+
+
+def _check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as exc:
+        for error in exc.errors:
+            print(error, file=err)
+        count = len(exc.errors)
+        print(f"{args.policy}: {count} error{'s' if count != 1 else ''}", file=err)
+        return 1
+    except OSError as exc:
+        print(f"{args.policy}: cannot read: {exc.strerror or exc}", file=err)
+        return 1
+    patterns = sum(len(rule.spec.paths) for rule in policy.rules if rule.spec)
+    print(
+        f"{args.policy}: OK, version {policy.version}: {len(policy.rules)} rules "
+        f"({patterns} path patterns), {len(policy.classes)} classes "
+        f"({', '.join(policy.classes)}), default {policy.default.worker_class} "
+        f"key {policy.default.key.value}, seed {policy.seed}",
+        file=out,
+    )
+    return 0
+
+
+# -- explain -----------------------------------------------------------------------
+
+
+def _decision_json(decision: Decision) -> str:
+    return json.dumps(
+        {
+            "class": decision.worker_class,
+            "key_kind": decision.key_kind,
+            "key_source": decision.key_source,
+            "key": decision.key,
+            "rule": decision.rule,
+            "policy": decision.policy,
+        },
+        ensure_ascii=False,
+    )
+
+
+def _request(method: str, target: str, headers: dict[str, str], src: str | None) -> Request:
+    path, mark, query = target.partition("?")
+    auth = None
+    for name, value in headers.items():
+        if name.strip().lower() == "authorization":
+            auth = value
+    address = ip_address(src) if src else None
+    return Request(method.upper(), path, query if mark else None, auth, address)
+
+
+def _explain_one(policy: CompiledPolicy, args: argparse.Namespace, out: TextIO) -> int:
+    headers: dict[str, str] = {}
+    for header in args.header:
+        name, sep, value = header.partition(":")
+        if not sep:
+            raise ValueError(f"header {header!r} is not 'Name: value'")
+        headers[name] = value.strip()
+    request = _request(args.method, args.target, headers, args.src)
+    print(_decision_json(policy.decide(request)), file=out)
+    return 0
+
+
+def _explain_lines(policy: CompiledPolicy, source: TextIO, out: TextIO) -> int:
+    failures = 0
+    for number, line in enumerate(source, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            if not isinstance(item, dict):
+                raise ValueError("expected a JSON object")
+            method, target = item.get("method"), item.get("path")
+            headers = item.get("headers") or {}
+            src = item.get("src")
+            if not isinstance(method, str) or not isinstance(target, str):
+                raise ValueError("method and path must be strings")
+            if not isinstance(headers, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+            ):
+                raise ValueError("headers must be an object of strings")
+            if src is not None and not isinstance(src, str):
+                raise ValueError("src must be a string")
+            request = _request(method, target, headers, src)
+        except ValueError as exc:
+            failures += 1
+            print(json.dumps({"error": f"line {number}: {exc}"}), file=out)
+            continue
+        print(_decision_json(policy.decide(request)), file=out)
+    return 1 if failures else 0
+
+
+def _explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as exc:
+        for error in exc.errors:
+            print(error, file=err)
+        return 1
+    except OSError as exc:
+        print(f"{args.policy}: cannot read: {exc.strerror or exc}", file=err)
+        return 1
+    if args.jsonl:
+        if args.method or args.target:
+            print("spoa explain: give either METHOD PATH or --jsonl, not both", file=err)
+            return 2
+        return _explain_lines(policy, sys.stdin, out)
+    if not args.method or not args.target:
+        print("spoa explain: METHOD and PATH are required (or --jsonl)", file=err)
+        return 2
+    try:
+        return _explain_one(policy, args, out)
+    except ValueError as exc:
+        print(f"spoa explain: {exc}", file=err)
+        return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -135,5 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(_serve(args), args.loop)
         except ValueError as exc:
             parser.error(str(exc))
+    if args.command == "check":
+        return _check(args, sys.stdout, sys.stderr)
+    if args.command == "explain":
+        return _explain(args, sys.stdout, sys.stderr)
     parser.error(f"unknown command {args.command}")
     return 2

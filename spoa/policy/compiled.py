@@ -1,0 +1,276 @@
+"""Compiled policies and the routing decision.
+
+Theory of operation
+-------------------
+A policy is an ordered list of rules; the first rule whose path pattern,
+methods and query conditions all hold decides. Trying each regex in turn
+costs a Python call per rule (around a hundred for the Synapse layout), so
+compilation folds the path patterns of all rules into one alternation, one
+named group per rule, in rule order. Python's regex engine tries the
+alternatives left to right and stops at the first that matches, which is
+exactly first-match-wins on the path, in one call into C.
+
+A rule whose methods or query conditions fail after its path matched must
+fall through to the rules after it. For each such rule the compiler also
+builds the alternation of the rules that follow it, so a fall-through is one
+more call, never a loop over rules. Only rules with conditions need one.
+
+Everything that can be computed from the policy alone is computed here, once:
+patterns, key extractors, the policy version. :meth:`CompiledPolicy.decide`
+never validates and never raises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from ipaddress import IPv4Address, IPv6Address
+from typing import Final, NamedTuple
+
+import mmh3
+
+from ..matrix import access_token, room_from_path, syt_localpart, xmatrix_origin
+from ..matrix.query import has_value
+from .schema import KeyKind, PolicySpec, RuleSpec, parse_policy
+
+DEFAULT_RULE: Final = "default"
+#: Rule name reported if deciding failed unexpectedly (a bug, not an input).
+ERROR_RULE: Final = "error"
+
+
+class Request(NamedTuple):
+    """What HAProxy sends for one request (the SPOE ``route`` message).
+
+    ``path`` is raw and undecoded, without the query; ``query`` is raw,
+    without the ``?``; ``auth`` is the whole Authorization header.
+    """
+
+    method: str
+    path: str
+    query: str | None = None
+    auth: str | None = None
+    src: str | IPv4Address | IPv6Address | None = None
+
+
+class Decision(NamedTuple):
+    """Where a request goes and what it hashes on.
+
+    ``key_kind`` is the kind of key actually used: a rule's kind, or the kind
+    it fell back to (``token`` for a ``user`` rule without a ``syt_`` token,
+    ``src`` for ``origin`` without X-Matrix, ``none`` when nothing was there).
+    ``key_source`` is the canonical value before hashing; it may hold a token
+    and must never leave the agent. ``key`` is its hex mmh3 digest.
+    """
+
+    worker_class: str
+    key_kind: str
+    key_source: str | None
+    key: str | None
+    rule: str
+    policy: str
+
+
+KeyExtractor = Callable[[Request], tuple[str, str] | None]
+
+
+def _token_key(request: Request) -> tuple[str, str] | None:
+    token = access_token(request.auth, request.query)
+    return ("token", token) if token else None
+
+
+def _user_key(request: Request) -> tuple[str, str] | None:
+    token = access_token(request.auth, request.query)
+    if not token:
+        return None
+    localpart = syt_localpart(token)
+    return ("user", localpart) if localpart else ("token", token)
+
+
+def _room_key(request: Request) -> tuple[str, str] | None:
+    room = room_from_path(request.path)
+    return ("room", room) if room else None
+
+
+def _src_key(request: Request) -> tuple[str, str] | None:
+    src = request.src
+    if src is None or src == "":
+        return None
+    return ("src", str(src))
+
+
+def _origin_key(request: Request) -> tuple[str, str] | None:
+    origin = xmatrix_origin(request.auth)
+    if origin:
+        return ("origin", origin)
+    return _src_key(request)
+
+
+def _uri_key(request: Request) -> tuple[str, str] | None:
+    query = request.query
+    return ("uri", f"{request.path}?{query}" if query else request.path)
+
+
+def _no_key(request: Request) -> tuple[str, str] | None:
+    return None
+
+
+EXTRACTORS: Final[dict[KeyKind, KeyExtractor]] = {
+    KeyKind.TOKEN: _token_key,
+    KeyKind.USER: _user_key,
+    KeyKind.ROOM: _room_key,
+    KeyKind.ORIGIN: _origin_key,
+    KeyKind.URI: _uri_key,
+    KeyKind.SRC: _src_key,
+    KeyKind.NONE: _no_key,
+}
+
+
+class CompiledRule:
+    """One rule, ready to match: the pieces of a RuleSpec the hot path reads."""
+
+    __slots__ = (
+        "absent",
+        "conditional",
+        "extract",
+        "index",
+        "key",
+        "methods",
+        "name",
+        "present",
+        "spec",
+        "worker_class",
+    )
+
+    def __init__(self, index: int, spec: RuleSpec | None, worker_class: str, key: KeyKind,
+                 name: str) -> None:
+        self.index = index
+        self.spec = spec
+        self.name = name
+        self.worker_class = worker_class
+        self.key = key
+        self.extract = EXTRACTORS[key]
+        self.methods = spec.methods if spec else None
+        self.present = spec.query_present if spec else ()
+        self.absent = spec.query_absent if spec else ()
+        self.conditional = bool(self.methods or self.present or self.absent)
+
+    def conditions_hold(self, method: str, query: str | None) -> bool:
+        if self.methods is not None and method not in self.methods:
+            return False
+        for name in self.present:
+            if not has_value(query, name):
+                return False
+        return all(not has_value(query, name) for name in self.absent)
+
+
+_GLOBAL_FLAGS = re.compile(r"^\(\?([aiLmsux]+)\)")
+
+
+def _alternative(pattern: str) -> str:
+    """A rule's pattern as one alternative of the combined regex.
+
+    Leading global flags become scoped ones (only allowed at the very start
+    of the whole expression), and a pattern not anchored with ``^`` gets a
+    lazy ``.*?`` in front: ``match`` then behaves as ``search`` would alone.
+    """
+    flags = ""
+    found = _GLOBAL_FLAGS.match(pattern)
+    if found:
+        flags = found.group(1)
+        pattern = pattern[found.end() :]
+    if not pattern.startswith("^"):
+        pattern = "(?s:.*?)(?:" + pattern + ")"
+    return f"(?{flags}:{pattern})" if flags else f"(?:{pattern})"
+
+
+def _combine(rules: list[CompiledRule]) -> re.Pattern[str] | None:
+    parts = []
+    for rule in rules:
+        assert rule.spec is not None
+        body = "|".join(_alternative(p) for p in rule.spec.paths)
+        parts.append(f"(?P<r{rule.index}>{body})")
+    return re.compile("|".join(parts)) if parts else None
+
+
+class CompiledPolicy:
+    """An immutable, compiled policy. Build it with :func:`compile_policy`."""
+
+    def __init__(self, spec: PolicySpec, version: str) -> None:
+        self.spec = spec
+        self.version = version
+        self.source = spec.source
+        self.seed = spec.seed
+        self.classes = spec.classes
+        self.rules = tuple(
+            CompiledRule(i, rule, rule.worker_class, rule.key, rule.name)
+            for i, rule in enumerate(spec.rules)
+        )
+        self.default = CompiledRule(
+            len(self.rules), None, spec.default_class, spec.default_key, DEFAULT_RULE
+        )
+        self.rule_names = tuple(r.name for r in self.rules) + (DEFAULT_RULE,)
+        by_group = {f"r{rule.index}": rule for rule in self.rules}
+        self._by_group = by_group
+        rules = list(self.rules)
+        self._matcher = _combine(rules)
+        # Where to resume after a conditional rule's conditions fail.
+        self._after: dict[int, re.Pattern[str] | None] = {
+            rule.index: _combine(rules[rule.index + 1 :]) for rule in rules if rule.conditional
+        }
+
+    def match(self, method: str, path: str, query: str | None) -> CompiledRule:
+        """The first rule that takes this request, or the default rule."""
+        matcher = self._matcher
+        while matcher is not None:
+            found = matcher.match(path)
+            if found is None:
+                break
+            rule = self._by_group[found.lastgroup]  # type: ignore[index]
+            if not rule.conditional or rule.conditions_hold(method, query):
+                return rule
+            matcher = self._after[rule.index]
+        return self.default
+
+    def decide(self, request: Request) -> Decision:
+        """Route one request. Pure; never raises."""
+        try:
+            rule = self.match(request.method, request.path, request.query)
+            found = rule.extract(request)
+            if found is None:
+                return Decision(rule.worker_class, "none", None, None, rule.name, self.version)
+            kind, source = found
+            digest = mmh3.hash(source.encode("utf-8", "surrogateescape"), self.seed, signed=False)
+            return Decision(
+                rule.worker_class, kind, source, f"{digest:08x}", rule.name, self.version
+            )
+        except Exception:  # a bug; the request still gets routed
+            return Decision(self.default.worker_class, "none", None, None, ERROR_RULE,
+                            self.version)
+
+
+def policy_version(content: bytes) -> str:
+    """The short content hash that names a policy version."""
+    return hashlib.sha256(content).hexdigest()[:12]
+
+
+def compile_policy(content: bytes, source: str = "<policy>") -> CompiledPolicy:
+    """Parse, check and compile a policy; raise PolicyError with every problem."""
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        from .errors import LocatedError, PolicyError
+
+        line = content[: exc.start].count(b"\n") + 1
+        raise PolicyError(
+            [LocatedError(source, line, "$", "the policy file is not valid UTF-8")]
+        ) from None
+    spec = parse_policy(text, source)
+    return CompiledPolicy(spec, policy_version(content))
+
+
+def load_policy(path: str) -> CompiledPolicy:
+    """Read and compile a policy file."""
+    with open(path, "rb") as handle:
+        content = handle.read()
+    return compile_policy(content, path)

@@ -1,0 +1,88 @@
+"""The SPOE contract: the ``route`` message in, ``txn.route.*`` variables out.
+
+Message ``route`` arguments (by name): ``method``, ``path`` (raw, no query),
+``query``, ``auth`` (the whole Authorization header), ``src``.
+
+Variables set, scope ``txn`` (HAProxy prefixes them with the var-prefix,
+``route``): ``backend`` (the worker class), ``key`` (hex mmh3 digest; absent
+when the rule has no key), ``rule`` and ``policy`` (the version). The raw
+token or any other key source never leaves the agent.
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv6Address
+from typing import Final
+
+from .policy import DEFAULT_RULE, ERROR_RULE, CompiledPolicy, Request
+from .policy.reload import PolicyHolder
+from .spop import Notify, Scope, SetVar, encode_action, encode_actions
+
+MESSAGE: Final = "route"
+VAR_BACKEND: Final = "backend"
+VAR_KEY: Final = "key"
+VAR_RULE: Final = "rule"
+VAR_POLICY: Final = "policy"
+
+#: set-var(txn.key) up to its value: the value is always 8 hex digits.
+_KEY_HEAD: Final = encode_action(SetVar(Scope.TXN, VAR_KEY, "00000000"))[:-8]
+
+
+def _actions_for(policy: CompiledPolicy, rule: str, worker_class: str) -> tuple[bytes, bytes]:
+    """(backend set-var, rule and policy set-vars) for one rule: built once."""
+    return (
+        encode_actions([SetVar(Scope.TXN, VAR_BACKEND, worker_class)]),
+        encode_actions(
+            [SetVar(Scope.TXN, VAR_RULE, rule), SetVar(Scope.TXN, VAR_POLICY, policy.version)]
+        ),
+    )
+
+
+class RouteHandler:
+    """SPOP handler deciding with the running policy of a :class:`PolicyHolder`."""
+
+    def __init__(self, holder: PolicyHolder) -> None:
+        self.holder = holder
+        self._policy: CompiledPolicy | None = None
+        self._encoded: dict[str, tuple[bytes, bytes]] = {}
+        #: NOTIFY frames without a ``route`` message (a configuration error).
+        self.unrouted = 0
+
+    def _prepare(self, policy: CompiledPolicy) -> dict[str, tuple[bytes, bytes]]:
+        encoded = {
+            rule.name: _actions_for(policy, rule.name, rule.worker_class)
+            for rule in (*policy.rules, policy.default)
+        }
+        encoded[ERROR_RULE] = _actions_for(policy, ERROR_RULE, policy.default.worker_class)
+        self._policy = policy
+        self._encoded = encoded
+        return encoded
+
+    def __call__(self, event: Notify) -> bytes:
+        for message in event.messages:
+            if message.name == MESSAGE:
+                break
+        else:
+            self.unrouted += 1
+            return b""
+        args = message.args
+        method = args.get("method")
+        path = args.get("path")
+        query = args.get("query")
+        auth = args.get("auth")
+        src = args.get("src")
+        request = Request(
+            method if isinstance(method, str) else "",
+            path if isinstance(path, str) else "",
+            query if isinstance(query, str) else None,
+            auth if isinstance(auth, str) else None,
+            src if isinstance(src, (IPv4Address, IPv6Address, str)) else None,
+        )
+        policy = self.holder.current
+        encoded = self._encoded if policy is self._policy else self._prepare(policy)
+        decision = policy.decide(request)
+        backend, tail = encoded.get(decision.rule) or encoded[DEFAULT_RULE]
+        key = decision.key
+        if key is None:
+            return backend + tail
+        return backend + _KEY_HEAD + key.encode("ascii") + tail
