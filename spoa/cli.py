@@ -148,8 +148,10 @@ async def _serve(args: argparse.Namespace) -> int:
         try:
             holder = PolicyHolder(args.policy)
         except PolicyError as exc:
-            log.error("cannot start: the policy is not usable:\n  %s",
-                      "\n  ".join(str(e) for e in exc.errors))
+            log.error(
+                "cannot start: the policy is not usable:\n  %s",
+                "\n  ".join(str(e) for e in exc.errors),
+            )
             return 1
         handler = RouteHandler(holder)
     else:

@@ -545,7 +545,16 @@ def test_spoa_serve_reports_a_busy_port_and_exits_non_zero() -> None:
         async with running_server(constant) as server:
             result = await asyncio.to_thread(
                 subprocess.run,
-                [sys.executable, "-m", "spoa", "serve", "--listen", server.addresses[0]],
+                [
+                    sys.executable,
+                    "-m",
+                    "spoa",
+                    "serve",
+                    "--static-class",
+                    "main",
+                    "--listen",
+                    server.addresses[0],
+                ],
                 cwd=ROOT,
                 capture_output=True,
                 text=True,

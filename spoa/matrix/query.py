@@ -22,7 +22,7 @@ def query_value(query: str | None, name: str) -> str | None:
     A parameter without ``=`` has the value ``""``. Names are compared after
     percent-decoding; the value is returned undecoded.
     """
-    if not query or name not in query and "%" not in query:
+    if not query or (name not in query and "%" not in query):
         return None
     for part in query.split("&"):
         key, _, value = part.partition("=")

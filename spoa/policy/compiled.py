@@ -35,6 +35,11 @@ from ..matrix.query import has_value
 from .schema import KeyKind, PolicySpec, RuleSpec, parse_policy
 
 DEFAULT_RULE: Final = "default"
+#: Memos (matching chains by path, decisions by key source) hold at most this
+#: many entries each, and only for strings up to MEMO_MAX_TEXT characters:
+#: memory stays bounded whatever the traffic.
+MEMO_ENTRIES: Final = 8192
+MEMO_MAX_TEXT: Final = 256
 #: Rule name reported if deciding failed unexpectedly (a bug, not an input).
 ERROR_RULE: Final = "error"
 
@@ -132,9 +137,11 @@ class CompiledRule:
     __slots__ = (
         "absent",
         "conditional",
+        "decisions",
         "extract",
         "index",
         "key",
+        "keyless",
         "methods",
         "name",
         "present",
@@ -142,8 +149,9 @@ class CompiledRule:
         "worker_class",
     )
 
-    def __init__(self, index: int, spec: RuleSpec | None, worker_class: str, key: KeyKind,
-                 name: str) -> None:
+    def __init__(
+        self, index: int, spec: RuleSpec | None, worker_class: str, key: KeyKind, name: str
+    ) -> None:
         self.index = index
         self.spec = spec
         self.name = name
@@ -154,6 +162,10 @@ class CompiledRule:
         self.present = spec.query_present if spec else ()
         self.absent = spec.query_absent if spec else ()
         self.conditional = bool(self.methods or self.present or self.absent)
+        #: Decisions already made by this rule, by key source (bounded memo).
+        self.decisions: dict[str, Decision] = {}
+        #: The decision when the request gives no key (set by the policy).
+        self.keyless: Decision | None = None
 
     def conditions_hold(self, method: str, query: str | None) -> bool:
         if self.methods is not None and method not in self.methods:
@@ -161,7 +173,10 @@ class CompiledRule:
         for name in self.present:
             if not has_value(query, name):
                 return False
-        return all(not has_value(query, name) for name in self.absent)
+        for name in self.absent:  # noqa: SIM110 (a generator costs more here)
+            if has_value(query, name):
+                return False
+        return True
 
 
 _GLOBAL_FLAGS = re.compile(r"^\(\?([aiLmsux]+)\)")
@@ -196,8 +211,9 @@ def _combine(rules: list[CompiledRule]) -> re.Pattern[str] | None:
 class CompiledPolicy:
     """An immutable, compiled policy. Build it with :func:`compile_policy`."""
 
-    def __init__(self, spec: PolicySpec, version: str) -> None:
+    def __init__(self, spec: PolicySpec, version: str, memo_entries: int = MEMO_ENTRIES) -> None:
         self.spec = spec
+        self._memo_entries = memo_entries
         self.version = version
         self.source = spec.source
         self.seed = spec.seed
@@ -209,7 +225,7 @@ class CompiledPolicy:
         self.default = CompiledRule(
             len(self.rules), None, spec.default_class, spec.default_key, DEFAULT_RULE
         )
-        self.rule_names = tuple(r.name for r in self.rules) + (DEFAULT_RULE,)
+        self.rule_names = (*(r.name for r in self.rules), DEFAULT_RULE)
         by_group = {f"r{rule.index}": rule for rule in self.rules}
         self._by_group = by_group
         rules = list(self.rules)
@@ -218,18 +234,46 @@ class CompiledPolicy:
         self._after: dict[int, re.Pattern[str] | None] = {
             rule.index: _combine(rules[rule.index + 1 :]) for rule in rules if rule.conditional
         }
+        # Matching chains by path: many requests share a path (/sync,
+        # /versions, /keys/query), and a chain does not depend on anything
+        # else. Bounded; cleared when full.
+        self._chains: dict[str, tuple[CompiledRule, ...]] = {}
+        for rule in (*self.rules, self.default):
+            rule.keyless = Decision(rule.worker_class, "none", None, None, rule.name, self.version)
 
-    def match(self, method: str, path: str, query: str | None) -> CompiledRule:
-        """The first rule that takes this request, or the default rule."""
+    def _chain(self, path: str) -> tuple[CompiledRule, ...]:
+        """The rules whose paths match, up to the first without conditions.
+
+        Whatever the method and query, the deciding rule is the first of
+        this chain whose conditions hold, or the default rule.
+        """
+        chain: list[CompiledRule] = []
         matcher = self._matcher
         while matcher is not None:
             found = matcher.match(path)
             if found is None:
                 break
             rule = self._by_group[found.lastgroup]  # type: ignore[index]
+            chain.append(rule)
+            if not rule.conditional:
+                break
+            matcher = self._after[rule.index]
+        result = tuple(chain)
+        if len(path) <= MEMO_MAX_TEXT and self._memo_entries:
+            chains = self._chains
+            if len(chains) >= self._memo_entries:
+                chains.clear()
+            chains[path] = result
+        return result
+
+    def match(self, method: str, path: str, query: str | None) -> CompiledRule:
+        """The first rule that takes this request, or the default rule."""
+        chain = self._chains.get(path)
+        if chain is None:
+            chain = self._chain(path)
+        for rule in chain:
             if not rule.conditional or rule.conditions_hold(method, query):
                 return rule
-            matcher = self._after[rule.index]
         return self.default
 
     def decide(self, request: Request) -> Decision:
@@ -238,15 +282,23 @@ class CompiledPolicy:
             rule = self.match(request.method, request.path, request.query)
             found = rule.extract(request)
             if found is None:
-                return Decision(rule.worker_class, "none", None, None, rule.name, self.version)
+                return rule.keyless  # type: ignore[return-value]
             kind, source = found
+            memo = rule.decisions
+            decision = memo.get(source)
+            if decision is not None and decision.key_kind == kind:
+                return decision
             digest = mmh3.hash(source.encode("utf-8", "surrogateescape"), self.seed, signed=False)
-            return Decision(
+            decision = Decision(
                 rule.worker_class, kind, source, f"{digest:08x}", rule.name, self.version
             )
+            if len(source) <= MEMO_MAX_TEXT and self._memo_entries:
+                if len(memo) >= self._memo_entries:
+                    memo.clear()
+                memo[source] = decision
+            return decision
         except Exception:  # a bug; the request still gets routed
-            return Decision(self.default.worker_class, "none", None, None, ERROR_RULE,
-                            self.version)
+            return Decision(self.default.worker_class, "none", None, None, ERROR_RULE, self.version)
 
 
 def policy_version(content: bytes) -> str:
@@ -254,8 +306,13 @@ def policy_version(content: bytes) -> str:
     return hashlib.sha256(content).hexdigest()[:12]
 
 
-def compile_policy(content: bytes, source: str = "<policy>") -> CompiledPolicy:
-    """Parse, check and compile a policy; raise PolicyError with every problem."""
+def compile_policy(
+    content: bytes, source: str = "<policy>", memo_entries: int = MEMO_ENTRIES
+) -> CompiledPolicy:
+    """Parse, check and compile a policy; raise PolicyError with every problem.
+
+    ``memo_entries`` bounds each memo of the compiled policy; 0 turns them off.
+    """
     try:
         text = content.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -266,7 +323,7 @@ def compile_policy(content: bytes, source: str = "<policy>") -> CompiledPolicy:
             [LocatedError(source, line, "$", "the policy file is not valid UTF-8")]
         ) from None
     spec = parse_policy(text, source)
-    return CompiledPolicy(spec, policy_version(content))
+    return CompiledPolicy(spec, policy_version(content), memo_entries)
 
 
 def load_policy(path: str) -> CompiledPolicy:

@@ -38,8 +38,9 @@ class PolicyHolder:
     decision, so every request is decided by exactly one policy version.
     """
 
-    def __init__(self, path: str, on_change: Callable[[PolicyHolder, ReloadResult], None]
-                 | None = None) -> None:
+    def __init__(
+        self, path: str, on_change: Callable[[PolicyHolder, ReloadResult], None] | None = None
+    ) -> None:
         self.path = path
         self._on_change = on_change
         self.current: CompiledPolicy = self._initial()
@@ -51,7 +52,10 @@ class PolicyHolder:
         self._last_seen = self.current.version
         log.info(
             "policy loaded: %s version %s, %d rules, %d classes",
-            path, self.current.version, len(self.current.rules), len(self.current.classes),
+            path,
+            self.current.version,
+            len(self.current.rules),
+            len(self.current.classes),
         )
 
     def _initial(self) -> CompiledPolicy:
@@ -98,7 +102,10 @@ class PolicyHolder:
         self.last_error = None
         log.info(
             "policy reloaded: %s version %s (was %s), %d rules",
-            self.path, policy.version, previous, len(policy.rules),
+            self.path,
+            policy.version,
+            previous,
+            len(policy.rules),
         )
         result = ReloadResult("loaded", policy.version)
         if self._on_change:
@@ -114,7 +121,8 @@ class PolicyHolder:
         self.last_error = "\n".join(errors)
         log.error(
             "policy rejected, keeping version %s:\n  %s",
-            self.current.version, "\n  ".join(errors),
+            self.current.version,
+            "\n  ".join(errors),
         )
         result = ReloadResult("failed", self.current.version, errors)
         if self._on_change:

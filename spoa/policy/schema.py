@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Final
 
 import yaml
@@ -37,7 +37,7 @@ from .errors import LocatedError, PolicyError
 FORMAT_VERSION: Final = 1
 
 
-class KeyKind(str, Enum):
+class KeyKind(StrEnum):
     """What a rule hashes on; the canonical value is described in docs/policy.md."""
 
     TOKEN = "token"
@@ -166,9 +166,7 @@ class _Checker:
     def name(self, node: Node, path: str, what: str) -> str | None:
         value = self.string(node, path)
         if value is not None and not NAME_PATTERN.match(value):
-            self.error(
-                node, path, f"{what} {value!r} must be 1-48 characters of A-Z a-z 0-9 _ . -"
-            )
+            self.error(node, path, f"{what} {value!r} must be 1-48 characters of A-Z a-z 0-9 _ . -")
             return None
         return value
 
@@ -230,9 +228,7 @@ def parse_policy(text: str, source: str = "<policy>") -> PolicySpec:
     if "version" in top:
         version = checker.integer(top["version"], "version")
         if version is not None and version != FORMAT_VERSION:
-            checker.error(
-                top["version"], "version", f"unsupported version {version} (expected 1)"
-            )
+            checker.error(top["version"], "version", f"unsupported version {version} (expected 1)")
     seed = 0
     if "seed" in top:
         seed_value = checker.integer(top["seed"], "seed")
@@ -294,9 +290,7 @@ def _class_ref(checker: _Checker, node: Node, path: str, classes: list[str]) -> 
     if name is None:
         return None
     if classes and name not in classes:
-        checker.error(
-            node, path, f"unknown class {name!r} (declared: {', '.join(classes)})"
-        )
+        checker.error(node, path, f"unknown class {name!r} (declared: {', '.join(classes)})")
         return None
     return name
 
@@ -334,11 +328,14 @@ def _rules(checker: _Checker, node: Node | None, classes: list[str]) -> list[Rul
         if fields is None:
             continue
         ok = True
-        name = checker.name(fields["name"], f"{path}.name", "rule name") if "name" in fields else None
+        name = (
+            checker.name(fields["name"], f"{path}.name", "rule name") if "name" in fields else None
+        )
         if name is not None:
             if name in seen:
                 checker.error(
-                    fields["name"], f"{path}.name",
+                    fields["name"],
+                    f"{path}.name",
                     f"duplicate rule name {name!r} (first at line {seen[name]})",
                 )
                 ok = False
@@ -369,7 +366,7 @@ def _rules(checker: _Checker, node: Node | None, classes: list[str]) -> list[Rul
         absent: list[str] = []
         if "query" in fields:
             query = checker.mapping(fields["query"], f"{path}.query", set(), {"present", "absent"})
-            if query is not None and not query:
+            if query is not None and not fields["query"].value:
                 checker.error(fields["query"], f"{path}.query", "give present or absent")
             for which, target in (("present", present), ("absent", absent)):
                 if query and which in query:
@@ -383,14 +380,15 @@ def _rules(checker: _Checker, node: Node | None, classes: list[str]) -> list[Rul
             both = set(present) & set(absent)
             if both:
                 checker.error(
-                    fields["query"], f"{path}.query",
+                    fields["query"],
+                    f"{path}.query",
                     f"parameters both present and absent: {', '.join(sorted(both))}",
                 )
         description = ""
         if "description" in fields:
-            description = checker.string(
-                fields["description"], f"{path}.description", allow_empty=True
-            ) or ""
+            description = (
+                checker.string(fields["description"], f"{path}.description", allow_empty=True) or ""
+            )
         if ok and name and worker_class and key is not None and patterns:
             rules.append(
                 RuleSpec(

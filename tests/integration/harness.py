@@ -105,12 +105,20 @@ def http_backends(labels: Sequence[str]) -> Iterator[dict[str, Backend]]:
         for label in labels:
             server = _BackendServer(("127.0.0.1", 0), _Backend)
             server.label = label
-            threading.Thread(target=server.serve_forever, daemon=True).start()
+            threading.Thread(
+                target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+            ).start()
             backends[label] = Backend(label, server.server_address[1], server)
         yield backends
     finally:
+        stoppers = [
+            threading.Thread(target=backend.server.shutdown) for backend in backends.values()
+        ]
+        for stopper in stoppers:
+            stopper.start()
+        for stopper in stoppers:
+            stopper.join()
         for backend in backends.values():
-            backend.server.shutdown()
             backend.server.server_close()
 
 

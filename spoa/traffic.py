@@ -1,0 +1,232 @@
+"""Realistic Matrix request mixes, for the demo, the tests and the benchmarks.
+
+A deployment is modelled as users (each with a ``syt_`` token and a device),
+rooms, remote servers and media; :func:`generate` draws requests from it in
+the proportions a busy homeserver sees: mostly long-polling incremental
+syncs, then event sending, inbound federation, media, receipts and typing,
+pagination, and a tail of everything else. Deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+import string
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficRequest:
+    """One request as a client sends it."""
+
+    kind: str
+    method: str
+    path: str
+    query: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    src: str = "192.0.2.1"
+
+    @property
+    def target(self) -> str:
+        return f"{self.path}?{self.query}" if self.query else self.path
+
+    @property
+    def auth(self) -> str | None:
+        return self.headers.get("Authorization")
+
+    def as_json(self) -> dict[str, object]:
+        """The shape ``spoa explain --jsonl`` reads."""
+        return {
+            "method": self.method,
+            "path": self.target,
+            "headers": self.headers,
+            "src": self.src,
+        }
+
+
+def syt_token(localpart: str, rng: random.Random) -> str:
+    """A token shaped like Synapse's: syt_<base64 localpart>_<random>_<crc>."""
+    encoded = base64.b64encode(localpart.encode()).decode().rstrip("=")
+    letters = "".join(rng.choices(string.ascii_letters, k=20))
+    crc = "".join(rng.choices(string.ascii_letters + string.digits, k=6))
+    return f"syt_{encoded}_{letters}_{crc}"
+
+
+@dataclass
+class Deployment:
+    """The population requests are drawn from."""
+
+    server_name: str = "example.org"
+    users: int = 500
+    rooms: int = 200
+    remotes: int = 50
+    seed: int = 1
+    rng: random.Random = field(init=False)
+    tokens: list[tuple[str, str]] = field(init=False)
+    room_ids: list[str] = field(init=False)
+    origins: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self.tokens = [(f"user{i}", syt_token(f"user{i}", self.rng)) for i in range(self.users)]
+        self.room_ids = [
+            "!" + "".join(self.rng.choices(string.ascii_letters, k=18)) + ":" + self.server_name
+            for _ in range(self.rooms)
+        ]
+        origins = [f"remote{i}.example" for i in range(self.remotes)]
+        # Real server names include ports and IPv6 literals.
+        if self.remotes > 2:
+            origins[1] = "matrix.remote1.example:8448"
+            origins[2] = "[2001:db8::2]:8448"
+        self.origins = origins
+
+
+def _encode_room(room: str, rng: random.Random) -> str:
+    # Clients send room IDs raw or percent-encoded; both are legal.
+    if rng.random() < 0.5:
+        return room
+    return room.replace("!", "%21").replace(":", "%3A")
+
+
+#: (kind, weight): what share of requests each family takes.
+MIX: list[tuple[str, int]] = [
+    ("sync", 45),
+    ("initial_sync", 2),
+    ("send", 10),
+    ("federation_send", 8),
+    ("federation_read", 4),
+    ("media", 7),
+    ("receipt", 5),
+    ("typing", 4),
+    ("messages", 4),
+    ("keys", 3),
+    ("profile", 1),
+    ("versions", 2),
+    ("other", 5),
+]
+
+
+def generate(count: int, deployment: Deployment | None = None) -> Iterator[TrafficRequest]:
+    """``count`` requests in the proportions of :data:`MIX`."""
+    d = deployment or Deployment()
+    rng = d.rng
+    kinds = [k for k, _ in MIX]
+    weights = [w for _, w in MIX]
+    for _ in range(count):
+        kind = rng.choices(kinds, weights)[0]
+        user, token = rng.choice(d.tokens)
+        bearer = {"Authorization": f"Bearer {token}"}
+        src = f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
+        room = _encode_room(rng.choice(d.room_ids), rng)
+        txn = rng.randrange(10**9)
+        if kind == "sync":
+            since = f"s{rng.randrange(10**6)}_{rng.randrange(10**4)}"
+            if rng.random() < 0.1:  # old clients still put the token in the query
+                yield TrafficRequest(
+                    kind,
+                    "GET",
+                    "/_matrix/client/v3/sync",
+                    f"since={since}&timeout=30000&access_token={token}",
+                    {},
+                    src,
+                )
+            else:
+                yield TrafficRequest(
+                    kind,
+                    "GET",
+                    "/_matrix/client/v3/sync",
+                    f"filter=0&since={since}&timeout=30000",
+                    bearer,
+                    src,
+                )
+        elif kind == "initial_sync":
+            yield TrafficRequest(
+                kind, "GET", "/_matrix/client/v3/sync", "filter=0&timeout=0", bearer, src
+            )
+        elif kind == "send":
+            yield TrafficRequest(
+                kind,
+                "PUT",
+                f"/_matrix/client/v3/rooms/{room}/send/m.room.message/m{txn}",
+                None,
+                bearer,
+                src,
+            )
+        elif kind == "federation_send":
+            origin = rng.choice(d.origins)
+            auth = (
+                f'X-Matrix origin="{origin}",destination="{d.server_name}",'
+                f'key="ed25519:a_{txn % 97}",sig="{base64.b64encode(rng.randbytes(64)).decode()}"'
+            )
+            yield TrafficRequest(
+                kind,
+                "PUT",
+                f"/_matrix/federation/v1/send/{txn}",
+                None,
+                {"Authorization": auth},
+                f"203.0.113.{rng.randrange(1, 255)}",
+            )
+        elif kind == "federation_read":
+            origin = rng.choice(d.origins)
+            auth = f'X-Matrix origin="{origin}",key="ed25519:a",sig="c2ln"'
+            yield TrafficRequest(
+                kind,
+                "GET",
+                f"/_matrix/federation/v1/state_ids/{room}",
+                f"event_id=%24{txn}",
+                {"Authorization": auth},
+                src,
+            )
+        elif kind == "media":
+            media = "".join(rng.choices(string.ascii_letters, k=24))
+            yield TrafficRequest(
+                kind,
+                "GET",
+                f"/_matrix/client/v1/media/download/{d.server_name}/{media}",
+                None,
+                bearer,
+                src,
+            )
+        elif kind == "receipt":
+            yield TrafficRequest(
+                kind,
+                "POST",
+                f"/_matrix/client/v3/rooms/{room}/receipt/m.read/%24{txn}",
+                None,
+                bearer,
+                src,
+            )
+        elif kind == "typing":
+            yield TrafficRequest(
+                kind,
+                "PUT",
+                f"/_matrix/client/v3/rooms/{room}/typing/@{user}:{d.server_name}",
+                None,
+                bearer,
+                src,
+            )
+        elif kind == "messages":
+            yield TrafficRequest(
+                kind,
+                "GET",
+                f"/_matrix/client/v3/rooms/{room}/messages",
+                "dir=b&limit=30",
+                bearer,
+                src,
+            )
+        elif kind == "keys":
+            yield TrafficRequest(kind, "POST", "/_matrix/client/v3/keys/query", None, bearer, src)
+        elif kind == "profile":
+            yield TrafficRequest(
+                kind,
+                "GET",
+                f"/_matrix/client/v3/profile/@{user}:{d.server_name}",
+                None,
+                bearer,
+                src,
+            )
+        elif kind == "versions":
+            yield TrafficRequest(kind, "GET", "/_matrix/client/versions", None, {}, src)
+        else:
+            yield TrafficRequest(kind, "POST", "/_matrix/client/v3/pushers/set", None, bearer, src)

@@ -1,0 +1,191 @@
+"""Matrix key extraction with ordinary and hostile inputs: never an exception."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from spoa.matrix import access_token, query_value, room_from_path, syt_localpart, xmatrix_origin
+from spoa.matrix.query import has_value, percent_decode
+
+# -- tokens -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("auth", "query", "token"),
+    [
+        ("Bearer syt_YWxpY2U_abc_def", None, "syt_YWxpY2U_abc_def"),
+        ("bearer   tok", None, "tok"),
+        ("BEARER tok\t", None, "tok"),
+        (None, "access_token=tok", "tok"),
+        (None, "a=1&access_token=t%2Bo%3Dk&b=2", "t+o=k"),
+        ("Bearer head", "access_token=query", "head"),
+        ("Bearer ", "access_token=query", "query"),
+        ("Basic dXNlcjpwYXNz", "access_token=query", "query"),
+        ('X-Matrix origin="a"', None, None),
+        (None, "access_token=", None),
+        (None, "access_token", None),
+        (None, "my_access_token=x", None),
+        ("", "", None),
+        (None, None, None),
+        ("Bearer", None, None),
+    ],
+)
+def test_access_token_prefers_the_header_then_the_query(
+    auth: str | None, query: str | None, token: str | None
+) -> None:
+    assert access_token(auth, query) == token
+
+
+def test_query_token_is_decoded_exactly_once() -> None:
+    assert access_token(None, "access_token=a%2525b") == "a%25b"
+
+
+@pytest.mark.parametrize(
+    ("token", "localpart"),
+    [
+        ("syt_YWxpY2U_GkqDPRyLvbBAfVZfOXAH_2dCzpZ", "alice"),
+        ("syt_Ym9i_x_y", "bob"),
+        ("syt_ZnJhbmsuYm9vbQ_x_y", "frank.boom"),  # unpadded base64
+        ("syt_w6lsb8OvZQ_x_y", "\u00e9lo\u00efe"),
+        ("syt__x_y", None),  # empty localpart
+        ("syt_!!!_x_y", None),  # not base64
+        ("syt_YWxpY2U", None),  # truncated
+        ("syt_/w_x_y", None),  # base64 of a byte that is not UTF-8
+        ("syt_Y_x_y", None),  # impossible base64 length
+        ("mat_abcdefghijklmnopqrstuvwxyz0123_abcdef", None),
+        ("MDAxY2xvY2F0aW9uIGV4YW1wbGUub3Jn", None),  # a macaroon
+        ("", None),
+    ],
+)
+def test_syt_tokens_name_their_user_and_others_do_not(token: str, localpart: str | None) -> None:
+    assert syt_localpart(token) == localpart
+
+
+def test_syt_localpart_is_stable_across_calls() -> None:
+    token = "syt_YWxpY2U_zzz_yyy"
+    assert syt_localpart(token) == syt_localpart(token) == "alice"
+
+
+# -- rooms ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "room"),
+    [
+        ("/_matrix/client/v3/rooms/!abc:example.org/send/m.room.message/1", "!abc:example.org"),
+        ("/_matrix/client/v3/rooms/%21abc%3Aexample.org/send/m.room.message/1", "!abc:example.org"),
+        ("/_matrix/client/v3/rooms/%21abc%3aexample.org/messages", "!abc:example.org"),
+        ("/_matrix/client/v3/rooms/%23alias%3Aexample.org/state", "#alias:example.org"),
+        ("/_matrix/client/v3/join/%23room%3Aexample.org", "#room:example.org"),
+        ("/_matrix/client/v3/join/!abc:example.org", "!abc:example.org"),
+        ("/_matrix/client/v3/knock/!abc:example.org", "!abc:example.org"),
+        ("/_matrix/client/r0/rooms/!abc:[2001:db8::1]:8448/join", "!abc:[2001:db8::1]:8448"),
+        (
+            "/_matrix/client/v3/rooms/!Q7Lk_vhZXl5p-WwXsS2ZKGaT3T-5lR2c3l6k5XbFl-4/send/x/1",
+            "!Q7Lk_vhZXl5p-WwXsS2ZKGaT3T-5lR2c3l6k5XbFl-4",
+        ),
+        ("/_matrix/client/v3/rooms/%2521double/send", "%21double"),  # decoded once only
+        ("/_matrix/client/v3/rooms/%zz%2/send", "%zz%2"),  # bad escapes stay as they are
+        ("/_matrix/client/v3/rooms/%FF%FE/send", "\udcff\udcfe"),  # not UTF-8: kept apart
+        ("/_matrix/client/v3/rooms//send", None),
+        ("/_matrix/client/v3/rooms/", None),
+        ("/_matrix/client/v3/sync", None),
+        ("", None),
+    ],
+)
+def test_room_is_the_segment_after_rooms_join_or_knock_decoded_once(
+    path: str, room: str | None
+) -> None:
+    assert room_from_path(path) == room
+
+
+def test_raw_and_encoded_room_ids_give_the_same_key() -> None:
+    raw = room_from_path("/_matrix/client/v3/rooms/!x:y/send/m/1")
+    encoded = room_from_path("/_matrix/client/v3/rooms/%21x%3Ay/send/m/1")
+    assert raw == encoded == "!x:y"
+
+
+def test_different_undecodable_rooms_stay_different() -> None:
+    assert room_from_path("/rooms/%FF/x") != room_from_path("/rooms/%FE/x")
+
+
+# -- X-Matrix ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("auth", "origin"),
+    [
+        (
+            'X-Matrix origin="origin.example",destination="d.example",key="ed25519:1",sig="abc"',
+            "origin.example",
+        ),
+        ('X-Matrix key="ed25519:1",sig="abc",origin="origin.example"', "origin.example"),
+        ("X-Matrix origin=origin.example,key=ed25519:1,sig=abc", "origin.example"),
+        ("X-Matrix origin=example.org:8448,key=k,sig=s", "example.org:8448"),
+        ('X-Matrix origin="[2001:db8::1]:8448",key="k",sig="s"', "[2001:db8::1]:8448"),
+        ("X-Matrix origin=[::1]:8448,key=k", "[::1]:8448"),
+        ('X-Matrix origin="1.2.3.4",key="k"', "1.2.3.4"),
+        ('x-matrix ORIGIN="upper.example" , Key="k"', "upper.example"),
+        ('X-Matrix   key="k" ,\torigin="spaced.example"\t,sig="s"', "spaced.example"),
+        ('X-Matrix origin="esc\\"aped\\\\.example",key="k"', 'esc"aped\\.example'),
+        ('X-Matrix sig="a,origin=evil.example",origin="real.example"', "real.example"),
+        ('X-Matrix origin="cut.example",key="ed', "cut.example"),  # truncated after origin
+        ('X-Matrix key="ed', None),  # truncated before origin
+        ('X-Matrix key="k",sig="s"', None),  # no origin
+        ('X-Matrix origin="",key="k"', None),
+        ("X-Matrix", None),
+        ("X-Matrixorigin=a", None),
+        ('Bearer origin="a"', None),
+        ('X-Matrix origin="unterminated', None),
+        ("X-Matrix ,,,", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_xmatrix_origin_is_parsed_per_the_spec(auth: str | None, origin: str | None) -> None:
+    assert xmatrix_origin(auth) == origin
+
+
+# -- queries ----------------------------------------------------------------------------
+
+
+def test_query_parameters_are_found_by_name() -> None:
+    assert query_value("a=1&since=s9&b", "since") == "s9"
+    assert query_value("since", "since") == ""
+    assert query_value("a%73ince=x", "asince") == "x"
+    assert query_value("xsince=1", "since") is None
+    assert query_value(None, "since") is None
+    assert has_value("since=s1", "since")
+    assert not has_value("since=", "since")
+    assert not has_value("since", "since")
+    assert not has_value("timeout=0", "since")
+
+
+def test_percent_decode_leaves_text_without_escapes_alone() -> None:
+    text = "/plain/path"
+    assert percent_decode(text) is text
+
+
+# -- nothing raises ---------------------------------------------------------------------
+
+hostile = st.one_of(
+    st.text(max_size=300),
+    st.binary(max_size=300).map(lambda b: b.decode("utf-8", "surrogateescape")),
+    st.just("/" + "a" * 8192),
+    st.just("X-Matrix " + "origin=" * 2000),
+    st.just("Bearer " + "\x00" * 100),
+)
+
+
+@given(hostile, hostile)
+def test_extractors_never_raise(a: str, b: str) -> None:
+    access_token(a, b)
+    access_token(None, a)
+    room_from_path(a)
+    xmatrix_origin(a)
+    xmatrix_origin("X-Matrix " + a)
+    syt_localpart("syt_" + a)
+    query_value(a, "since")
+    percent_decode(a)

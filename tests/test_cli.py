@@ -1,0 +1,146 @@
+"""The spoa command: check, explain, and serve's start-up errors, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SYNAPSE = str(ROOT / "policies" / "synapse-workers.yaml")
+
+
+def spoa(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "spoa", *args],
+        cwd=ROOT,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_check_accepts_a_valid_policy_with_a_summary() -> None:
+    result = spoa("check", SYNAPSE)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{SYNAPSE}: OK, version ")
+    assert "20 rules" in result.stdout and "16 classes" in result.stdout
+
+
+def test_check_lists_every_located_error_and_exits_1(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "version: 1\nclasses: {main: }\ndefault: {class: main}\n"
+        "rules:\n  - {name: a, class: x, path: '('}\n"
+    )
+    result = spoa("check", str(bad))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"{bad}:5: rules[0].class: unknown class 'x' (declared: main)",
+        f"{bad}:5: rules[0].path: bad regex '(': missing ), unterminated subpattern at position 0",
+        f"{bad}: 2 errors",
+    ]
+
+
+def test_check_of_a_missing_file_exits_1() -> None:
+    result = spoa("check", "/nonexistent/policy.yaml")
+    assert result.returncode == 1
+    assert "cannot read" in result.stderr
+
+
+def test_explain_prints_the_decision_as_json() -> None:
+    result = spoa(
+        "explain",
+        SYNAPSE,
+        "put",
+        "/_matrix/client/v3/rooms/%21abc%3Aexample.org/send/m.room.message/t1?x=1",
+        "-H",
+        "authorization: Bearer syt_YWxpY2U_a_b",
+        "-H",
+        "X-Other: 1",
+        "--src",
+        "192.0.2.1",
+    )
+    assert result.returncode == 0, result.stderr
+    decision = json.loads(result.stdout)
+    assert decision == {
+        "class": "event_creator",
+        "key_kind": "room",
+        "key_source": "!abc:example.org",
+        "key": decision["key"],
+        "rule": "event_sending",
+        "policy": decision["policy"],
+    }
+    assert len(decision["key"]) == 8
+
+
+def test_explain_reads_the_token_from_the_query_of_the_target() -> None:
+    header = json.loads(
+        spoa(
+            "explain",
+            SYNAPSE,
+            "GET",
+            "/_matrix/client/v3/sync?since=s1",
+            "-H",
+            "Authorization: Bearer syt_Ym9i_x_y",
+        ).stdout
+    )
+    query = json.loads(
+        spoa(
+            "explain", SYNAPSE, "GET", "/_matrix/client/v3/sync?since=s1&access_token=syt_Ym9i_z_w"
+        ).stdout
+    )
+    assert header["key_source"] == query["key_source"] == "bob"
+    assert header["key"] == query["key"]
+
+
+def test_explain_jsonl_answers_every_line_in_order() -> None:
+    lines = [
+        {
+            "method": "GET",
+            "path": "/_matrix/client/v3/sync",
+            "headers": {"AUTHORIZATION": "Bearer syt_YWxpY2U_a_b"},
+        },
+        {
+            "method": "PUT",
+            "path": "/_matrix/federation/v1/send/1",
+            "headers": {"Authorization": 'X-Matrix origin="o.example",key="k",sig="s"'},
+            "src": "2001:db8::1",
+        },
+        {"method": "GET", "path": "/_matrix/media/v3/config"},
+    ]
+    stdin = "\n".join(json.dumps(x) for x in lines) + "\n\nnot json\n[1]\n"
+    result = spoa("explain", SYNAPSE, "--jsonl", stdin=stdin)
+    out = [json.loads(x) for x in result.stdout.splitlines()]
+    assert [o.get("class") for o in out[:3]] == [
+        "initial_sync",
+        "federation_inbound",
+        "media_repository",
+    ]
+    assert out[1]["key_source"] == "o.example"
+    assert out[3]["error"].startswith("line 5: ")
+    assert out[4] == {"error": "line 6: expected a JSON object"}
+    assert result.returncode == 1
+
+
+def test_explain_needs_a_request_or_jsonl() -> None:
+    assert spoa("explain", SYNAPSE).returncode == 2
+    assert spoa("explain", SYNAPSE, "GET", "/x", "--jsonl").returncode == 2
+    assert spoa("explain", SYNAPSE, "GET", "/x", "-H", "no colon").returncode == 2
+
+
+def test_serve_refuses_to_start_on_a_broken_policy(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\n")
+    result = spoa("serve", "--policy", str(bad), "--listen", "127.0.0.1:0")
+    assert result.returncode == 1
+    assert "missing required key 'classes'" in result.stderr
+
+
+def test_serve_needs_a_policy_or_a_static_class() -> None:
+    result = spoa("serve")
+    assert result.returncode == 2
+    assert "--policy" in result.stderr

@@ -1,0 +1,111 @@
+"""The SPOE contract: route message arguments in, txn.route.* variables out."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+from pathlib import Path
+
+import mmh3
+import pytest
+
+from spoa.policy.reload import PolicyHolder
+from spoa.routing import RouteHandler
+from spoa.spop import Message, Notify, Scope, SetVar, Value, decode_actions
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "syt_YWxpY2U_secretsecretsecret_1a2b3c"
+
+
+@pytest.fixture
+def handler() -> RouteHandler:
+    return RouteHandler(PolicyHolder(str(ROOT / "policies" / "synapse-workers.yaml")))
+
+
+def answer(handler: RouteHandler, **args: Value) -> list[SetVar]:
+    payload = handler(Notify(1, 1, [Message("route", dict(args))]))
+    actions = decode_actions(payload, 0, len(payload))
+    assert all(isinstance(a, SetVar) and a.scope == Scope.TXN for a in actions)
+    return actions  # type: ignore[return-value]
+
+
+def test_a_keyed_request_sets_backend_key_rule_and_policy(handler: RouteHandler) -> None:
+    actions = answer(
+        handler,
+        method="GET",
+        path="/_matrix/client/v3/sync",
+        query="since=s1_2&timeout=30000",
+        auth=f"Bearer {TOKEN}",
+        src=IPv4Address("192.0.2.7"),
+    )
+    version = handler.holder.current.version
+    key = f"{mmh3.hash(b'alice', 0, signed=False):08x}"
+    assert actions == [
+        SetVar(Scope.TXN, "backend", "synchrotron"),
+        SetVar(Scope.TXN, "key", key),
+        SetVar(Scope.TXN, "rule", "sync"),
+        SetVar(Scope.TXN, "policy", version),
+    ]
+
+
+def test_a_request_without_key_sets_no_key_variable(handler: RouteHandler) -> None:
+    actions = answer(handler, method="GET", path="/_matrix/media/v3/download/x/y")
+    assert [a.name for a in actions] == ["backend", "rule", "policy"]
+    assert actions[0].value == "media_repository"
+
+
+def test_the_default_rule_is_reported_as_default(handler: RouteHandler) -> None:
+    actions = answer(handler, method="POST", path="/_matrix/client/v3/logout")
+    assert (actions[0].value, actions[-2].value) == ("main", "default")
+
+
+def test_a_raw_token_never_appears_in_any_variable(handler: RouteHandler) -> None:
+    for kind_path in ("/_matrix/client/v3/sync", "/_matrix/client/v3/profile/@a:x"):
+        for auth, query in ((f"Bearer {TOKEN}", None), (None, f"access_token={TOKEN}")):
+            payload = handler(
+                Notify(
+                    1,
+                    1,
+                    [
+                        Message(
+                            "route",
+                            {"method": "GET", "path": kind_path, "auth": auth, "query": query},
+                        )
+                    ],
+                )
+            )
+            assert b"secret" not in payload
+            assert TOKEN.encode() not in payload
+
+
+def test_null_and_odd_argument_types_are_tolerated(handler: RouteHandler) -> None:
+    actions = answer(handler, method=None, path=None, query=5, auth=b"bin", src="not-an-ip")
+    assert actions[0] == SetVar(Scope.TXN, "backend", "main")
+
+
+def test_without_a_route_message_nothing_is_set(handler: RouteHandler) -> None:
+    assert handler(Notify(1, 1, [Message("other", {"path": "/x"})])) == b""
+    assert handler.unrouted == 1
+
+
+def test_the_route_message_is_found_among_others(handler: RouteHandler) -> None:
+    event = Notify(
+        1, 1, [Message("other", {}), Message("route", {"method": "GET", "path": "/_matrix/media/"})]
+    )
+    payload = handler(event)
+    assert decode_actions(payload, 0, len(payload))[0].value == "media_repository"  # type: ignore[union-attr]
+
+
+def test_a_reload_changes_the_answer_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    text = (
+        "version: 1\nclasses: {main: , a: , b: }\ndefault: {class: main}\n"
+        "rules:\n  - {name: r, class: CLASS, path: '^/x'}\n"
+    )
+    path.write_text(text.replace("CLASS", "a"))
+    handler = RouteHandler(PolicyHolder(str(path)))
+    assert answer(handler, method="GET", path="/x")[0].value == "a"
+    path.write_text(text.replace("CLASS", "b"))
+    handler.holder.reload()
+    actions = answer(handler, method="GET", path="/x")
+    assert actions[0].value == "b"
+    assert actions[-1].value == handler.holder.current.version
