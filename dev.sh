@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set-up and entry points for matrix-spoa on Debian or Ubuntu.
 #
-#   ./dev.sh run     start the agent on 127.0.0.1:12345 (installs what it needs)
+#   ./dev.sh run     start the agent on 127.0.0.1:12345 with policies/synapse-workers.yaml
 #   ./dev.sh test    lint, type-check and run every test (installs what it needs)
 #   ./dev.sh bench   run the benchmarks
 #
@@ -74,7 +74,7 @@ shift || true
 case "$cmd" in
     run)
         ensure_venv
-        exec "$VENV/bin/spoa" serve "$@"
+        exec "$VENV/bin/spoa" serve --policy policies/synapse-workers.yaml "$@"
         ;;
     test)
         ensure_haproxy
@@ -91,6 +91,8 @@ case "$cmd" in
         ensure_venv
         "$PY" bench/spop_load.py "$@"
         "$PY" bench/spop_load.py --rate 75000 "$@"
+        "$PY" bench/spop_load.py --policy policies/synapse-workers.yaml "$@"
+        "$PY" bench/decide.py
         ;;
     *)
         sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
+from ipaddress import ip_address
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,51 +35,25 @@ sys.path.insert(0, str(ROOT))
 
 from spoa.spop import Message, decode_varint  # noqa: E402
 from spoa.spop.peer import haproxy_hello, notify  # noqa: E402
+from spoa.traffic import Deployment, generate  # noqa: E402
 
 _LENGTH = struct.Struct(">I")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-#: A realistic mix of what HAProxy sends for Matrix traffic.
-REQUESTS = [
-    (
-        "GET",
-        "/_matrix/client/v3/sync",
-        "since=s72594_4483_1934&timeout=30000",
-        "Bearer syt_YWxpY2U_GkqDPRyLvbBAfVZfOXAH_2dCzpZ",
-    ),
-    (
-        "PUT",
-        "/_matrix/client/v3/rooms/%21OGEhHVWSdvArJzumhm%3Amatrix.org/send/m.room.message/m1",
-        "",
-        "Bearer syt_Ym9i_xQZyNEdKbSwvThDPTWaA_3k9JqA",
-    ),
-    (
-        "PUT",
-        "/_matrix/federation/v1/send/1700000000123",
-        "",
-        'X-Matrix origin="remote.example.org",destination="example.org",key="ed25519:abc",'
-        'sig="dGhpcyBpcyBub3QgYSByZWFsIHNpZ25hdHVyZQ"',
-    ),
-    ("GET", "/_matrix/media/v3/download/example.org/abcdefGHIJ", "", ""),
-    (
-        "GET",
-        "/_matrix/client/v3/rooms/!abc:example.org/messages",
-        "dir=b&limit=20",
-        "Bearer syt_Y2Fyb2w_aaaaaaaaaaaaaaaaaaaa_1a2b3c",
-    ),
-]
+#: Route messages as HAProxy builds them, from the spoa.traffic mix.
+_MIX = list(generate(4096, Deployment(users=2000, rooms=500, remotes=100)))
 
 
 def route_message(i: int) -> Message:
-    method, path, query, auth = REQUESTS[i % len(REQUESTS)]
+    request = _MIX[i % len(_MIX)]
     return Message(
         "route",
         {
-            "method": method,
-            "path": path,
-            "query": query or None,
-            "auth": auth or None,
-            "src": IPv4Address(0x0A000000 + i % 4096),
+            "method": request.method,
+            "path": request.path,
+            "query": request.query,
+            "auth": request.auth,
+            "src": ip_address(request.src),
         },
     )
 
@@ -299,6 +273,11 @@ def main() -> int:
     parser.add_argument("--agent-cpu", type=int, default=0, help="core to pin the agent to")
     parser.add_argument("--load-cpu", type=int, default=1, help="core to pin this generator to")
     parser.add_argument("--agent-loop", default="auto", choices=("auto", "uvloop", "asyncio"))
+    parser.add_argument(
+        "--policy",
+        metavar="FILE",
+        help="run the agent with this policy (default: a constant answer, --static-class main)",
+    )
     parser.add_argument("agent_args", nargs="*", help="extra arguments for spoa serve (after --)")
     args = parser.parse_args()
 
@@ -306,7 +285,8 @@ def main() -> int:
     if args.connect:
         port, pid = args.connect, None
     else:
-        proc, port = start_agent(args.agent_cpu, args.agent_loop, args.agent_args)
+        what = ["--policy", args.policy] if args.policy else ["--static-class", "main"]
+        proc, port = start_agent(args.agent_cpu, args.agent_loop, what + args.agent_args)
         pid = proc.pid
     if args.load_cpu is not None and args.load_cpu < (os.cpu_count() or 1):
         os.sched_setaffinity(0, {args.load_cpu})
@@ -325,6 +305,7 @@ def main() -> int:
             proc.wait(10)
     load1, load5, _ = os.getloadavg()
     mode = f"open loop at {args.rate:.0f}/s" if args.rate else f"closed loop, window {args.window}"
+    mode += f", handler: {'policy ' + Path(args.policy).name if args.policy else 'constant'}"
     print(
         f"spop_load: {args.connections} connections, {mode}, {args.duration:.0f}s "
         f"(load average before exit {load1:.2f} {load5:.2f})"
