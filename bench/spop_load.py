@@ -168,6 +168,8 @@ def start_agent(cpu: int | None, loop: str, extra: list[str]) -> tuple[subproces
         loop,
         "--log-level",
         "WARNING",
+        "--http",
+        "off",
         *extra,
     ]
     # The agent logs its port at INFO; ask for it explicitly.

@@ -10,14 +10,22 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from ipaddress import ip_address
+from pathlib import Path
 from typing import Any, TextIO
 
 from . import __version__
+from .demo.run import run as demo_run
+from .demo.workers import WorkerSpec, start_workers
+from .haproxycfg import check_haproxy, format_report
+from .httpd import HttpServer
+from .metrics import AgentCollector, build_registry
 from .policy import CompiledPolicy, Decision, PolicyError, Request, load_policy
 from .policy.reload import PolicyHolder
 from .routing import RouteHandler
-from .server import Handler, Limits, SpopServer, static_handler
+from .server import Handler, Limits, SpopServer, parse_listen, static_handler
 from .spop import Scope, SetVar
+from .stats import DecisionStats
+from .status import StatusApp
 
 log = logging.getLogger("spoa")
 
@@ -54,6 +62,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "(default 127.0.0.1:12345)",
     )
     serve.add_argument(
+        "--http",
+        default="127.0.0.1:9090",
+        metavar="ADDR",
+        help="HTTP endpoint for /metrics, /healthz and the status page: HOST:PORT "
+        "(default 127.0.0.1:9090), or 'off'",
+    )
+    serve.add_argument(
         "--poll-interval",
         type=_positive_float,
         default=1.0,
@@ -82,6 +97,36 @@ def _build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="check a policy file")
     check.add_argument("policy", metavar="POLICY")
+    check.add_argument(
+        "--haproxy",
+        metavar="CFG",
+        help="also check this HAProxy configuration: a backend for every class, "
+        "and Lua fallback arguments that agree with the policy",
+    )
+
+    demo = commands.add_parser(
+        "demo",
+        help="run HAProxy, the agent and demo workers on this machine",
+        description="Start HAProxy (the shipped haproxy/haproxy.cfg), the agent and demo "
+        "workers on loopback, send a burst of Matrix traffic, show where it went, and stay "
+        "up until Ctrl-C.",
+    )
+    demo.add_argument("--policy", default="policies/synapse-workers.yaml", metavar="FILE")
+    demo.add_argument("--port", type=int, default=8008, help="HAProxy's client port")
+    demo.add_argument("--stats-port", type=int, default=8404)
+    demo.add_argument("--agent-port", type=int, default=12345)
+    demo.add_argument("--burst", type=int, default=600, help="requests to send at start")
+    demo.add_argument("--workdir", default="run", help="logs and state (default ./run)")
+    demo.add_argument("--no-stay", action="store_true", help="exit after the burst")
+
+    worker = commands.add_parser(
+        "demo-worker",
+        help="serve demo workers (stand-ins for Synapse workers)",
+        description="Each NAME=HOST:PORT serves a demo worker: /health, "
+        "/_matrix/client/versions, and every other path answered with the worker's name. "
+        "The class is NAME up to its last '-'.",
+    )
+    worker.add_argument("workers", nargs="+", metavar="NAME=HOST:PORT")
 
     explain = commands.add_parser(
         "explain",
@@ -144,6 +189,7 @@ async def _serve(args: argparse.Namespace) -> int:
     )
     holder: PolicyHolder | None = None
     handler: Handler
+    decisions = DecisionStats()
     if args.policy:
         try:
             holder = PolicyHolder(args.policy)
@@ -153,7 +199,7 @@ async def _serve(args: argparse.Namespace) -> int:
                 "\n  ".join(str(e) for e in exc.errors),
             )
             return 1
-        handler = RouteHandler(holder)
+        handler = RouteHandler(holder, decisions)
     else:
         handler = static_handler(
             (
@@ -163,11 +209,28 @@ async def _serve(args: argparse.Namespace) -> int:
             )
         )
     server = SpopServer(handler, limits)
+    registry = build_registry(AgentCollector(server.stats, decisions, holder))
+    status = StatusApp(server, decisions, holder, registry)
+    http: HttpServer | None = None
     try:
+        if args.http != "off":
+            host, port = parse_listen(args.http)
+            if not isinstance(port, int):
+                raise ValueError("--http takes HOST:PORT")
+            http = await HttpServer(status).start(host, port)
         await server.start(args.listen or ["127.0.0.1:12345"])
     except OSError as exc:
         log.error("cannot listen: %s", exc)
+        if http is not None:
+            await http.stop()
         return 2
+    if http is not None:
+        log.info(
+            "serving HTTP on %s:%d (/metrics, /healthz, status page)",
+            parse_listen(args.http)[0],
+            http.port,
+        )
+    sampler = asyncio.get_running_loop().create_task(status.rates.run())
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -182,7 +245,10 @@ async def _serve(args: argparse.Namespace) -> int:
     log.info("stopping: draining %d connections", server.stats.connections_open)
     if watcher is not None:
         watcher.cancel()
+    sampler.cancel()
     await server.drain()
+    if http is not None:
+        await http.stop()
     log.info("stopped")
     return 0
 
@@ -210,7 +276,63 @@ def _check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         f"key {policy.default.key.value}, seed {policy.seed}",
         file=out,
     )
+    if args.haproxy:
+        try:
+            with open(args.haproxy, encoding="utf-8") as handle:
+                config = handle.read()
+        except OSError as exc:
+            print(f"{args.haproxy}: cannot read: {exc.strerror or exc}", file=err)
+            return 1
+        report = check_haproxy(config, policy)
+        for line in format_report(report, args.haproxy, args.policy):
+            print(line, file=out if line.startswith(("ok", "note")) else err)
+        return 0 if report.ok else 1
     return 0
+
+
+def _demo_worker(args: argparse.Namespace) -> int:
+    try:
+        specs = [WorkerSpec.parse(text) for text in args.workers]
+    except ValueError as exc:
+        print(f"spoa demo-worker: {exc}", file=sys.stderr)
+        return 2
+
+    async def serve() -> int:
+        workers = await start_workers(specs)
+        for w in workers:
+            log.info("demo worker %s listening on %s:%d", w.spec.name, w.spec.host, w.port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        for w in workers:
+            await w.stop()
+        return 0
+
+    try:
+        return asyncio.run(serve())
+    except OSError as exc:
+        log.error("cannot listen: %s", exc)
+        return 2
+
+
+def _demo(args: argparse.Namespace) -> int:
+    policy = Path(args.policy)
+    if not policy.exists():
+        print(f"spoa demo: no policy file {policy}", file=sys.stderr)
+        return 2
+    return asyncio.run(
+        demo_run(
+            policy.resolve(),
+            args.port,
+            args.stats_port,
+            args.agent_port,
+            args.burst,
+            Path(args.workdir).resolve(),
+            not args.no_stay,
+        )
+    )
 
 
 # -- explain -----------------------------------------------------------------------
@@ -323,5 +445,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(args, sys.stdout, sys.stderr)
     if args.command == "explain":
         return _explain(args, sys.stdout, sys.stderr)
+    if args.command == "demo":
+        return _demo(args)
+    if args.command == "demo-worker":
+        return _demo_worker(args)
     parser.error(f"unknown command {args.command}")
     return 2

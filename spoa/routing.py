@@ -11,12 +11,18 @@ token or any other key source never leaves the agent.
 
 from __future__ import annotations
 
+import logging
+from bisect import bisect_left
 from ipaddress import IPv4Address, IPv6Address
+from time import perf_counter_ns
 from typing import Final
 
 from .policy import DEFAULT_RULE, ERROR_RULE, CompiledPolicy, Request
 from .policy.reload import PolicyHolder
 from .spop import Notify, Scope, SetVar, encode_action, encode_actions
+from .stats import LATENCY_BOUNDS_NS, LATENCY_SAMPLE, DecisionStats
+
+log = logging.getLogger("spoa.routing")
 
 MESSAGE: Final = "route"
 VAR_BACKEND: Final = "backend"
@@ -41,12 +47,18 @@ def _actions_for(policy: CompiledPolicy, rule: str, worker_class: str) -> tuple[
 class RouteHandler:
     """SPOP handler deciding with the running policy of a :class:`PolicyHolder`."""
 
-    def __init__(self, holder: PolicyHolder) -> None:
+    def __init__(
+        self, holder: PolicyHolder, stats: DecisionStats | None = None, count: bool = True
+    ) -> None:
+        """``count=False`` skips the metrics counters (for measuring what they cost)."""
         self.holder = holder
+        self.stats = stats if stats is not None else DecisionStats()
+        self._count = count
+        self._tick = 0
         self._policy: CompiledPolicy | None = None
         self._encoded: dict[str, tuple[bytes, bytes]] = {}
-        #: NOTIFY frames without a ``route`` message (a configuration error).
-        self.unrouted = 0
+        # Checked once: debug logging of decisions costs nothing when off.
+        self._debug = log.isEnabledFor(logging.DEBUG)
 
     def _prepare(self, policy: CompiledPolicy) -> dict[str, tuple[bytes, bytes]]:
         encoded = {
@@ -63,8 +75,13 @@ class RouteHandler:
             if message.name == MESSAGE:
                 break
         else:
-            self.unrouted += 1
+            self.stats.unrouted += 1
             return b""
+        count = self._count
+        # Latency is sampled, one decision in LATENCY_SAMPLE: timing each one
+        # would cost more than deciding some of them.
+        self._tick = tick = (self._tick + 1) % LATENCY_SAMPLE
+        started = perf_counter_ns() if count and not tick else 0
         args = message.args
         method = args.get("method")
         path = args.get("path")
@@ -83,6 +100,26 @@ class RouteHandler:
         decision = policy.decide(request)
         backend, tail = encoded.get(decision.rule) or encoded[DEFAULT_RULE]
         key = decision.key
-        if key is None:
-            return backend + tail
-        return backend + _KEY_HEAD + key.encode("ascii") + tail
+        answer = backend + tail if key is None else backend + _KEY_HEAD + key.encode("ascii") + tail
+        if count:
+            stats = self.stats
+            counts = stats.counts
+            label = decision.label
+            counts[label] = counts.get(label, 0) + 1
+            if started:
+                elapsed = perf_counter_ns() - started
+                stats.buckets[bisect_left(LATENCY_BOUNDS_NS, elapsed)] += 1
+                stats.latency_sum_ns += elapsed
+        if self._debug:
+            # Never the key source: it may be an access token.
+            log.debug(
+                "decided %s %s -> %s rule=%s key_kind=%s key=%s policy=%s",
+                request.method,
+                request.path,
+                decision.worker_class,
+                decision.rule,
+                decision.key_kind,
+                key,
+                decision.policy,
+            )
+        return answer

@@ -107,6 +107,7 @@ class ServerStats:
     notify_frames: int = 0
     ack_frames: int = 0
     hello_frames: int = 0
+    agent_hello_frames: int = 0
     disconnect_frames_received: int = 0
     disconnect_frames_sent: int = 0
     handler_errors: int = 0
@@ -296,6 +297,7 @@ class _SpopProtocol(asyncio.Protocol):
             stats.hello_frames += 1
             if event.healthcheck:
                 stats.healthchecks += 1
+                stats.agent_hello_frames += 1
                 out.append(conn.accept_hello())
                 self._flush_and_close(out)
             elif self._server.over_capacity():
@@ -310,6 +312,7 @@ class _SpopProtocol(asyncio.Protocol):
                 stats.disconnect_frames_sent += 1
                 self._flush_and_close(out)
             else:
+                stats.agent_hello_frames += 1
                 out.append(conn.accept_hello())
         elif isinstance(event, HaproxyDisconnect):
             stats.disconnect_frames_received += 1

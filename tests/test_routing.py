@@ -84,7 +84,7 @@ def test_null_and_odd_argument_types_are_tolerated(handler: RouteHandler) -> Non
 
 def test_without_a_route_message_nothing_is_set(handler: RouteHandler) -> None:
     assert handler(Notify(1, 1, [Message("other", {"path": "/x"})])) == b""
-    assert handler.unrouted == 1
+    assert handler.stats.unrouted == 1
 
 
 def test_the_route_message_is_found_among_others(handler: RouteHandler) -> None:

@@ -519,7 +519,7 @@ def test_sigterm_drains_a_real_agent_process_without_losing_an_ack() -> None:
 
 def test_spoa_serve_exits_0_on_sigterm_and_answers_until_then() -> None:
     proc, address = start_agent_process(
-        "-m", "spoa", "serve", "--listen", "127.0.0.1:0", "--static-class", "sync"
+        "-m", "spoa", "serve", "--listen", "127.0.0.1:0", "--static-class", "sync", "--http", "off"
     )
 
     async def scenario() -> None:
@@ -552,6 +552,8 @@ def test_spoa_serve_reports_a_busy_port_and_exits_non_zero() -> None:
                     "serve",
                     "--static-class",
                     "main",
+                    "--http",
+                    "off",
                     "--listen",
                     server.addresses[0],
                 ],

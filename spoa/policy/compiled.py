@@ -74,6 +74,8 @@ class Decision(NamedTuple):
     key: str | None
     rule: str
     policy: str
+    #: (class, rule, key kind): the metric labels, built once per rule and kind.
+    label: tuple[str, str, str] = ("", "", "")
 
 
 KeyExtractor = Callable[[Request], tuple[str, str] | None]
@@ -101,6 +103,14 @@ def _src_key(request: Request) -> tuple[str, str] | None:
     src = request.src
     if src is None or src == "":
         return None
+    if isinstance(src, IPv6Address):
+        # An IPv4 client on a dual-stack listener arrives IPv4-mapped: key it
+        # as the IPv4 address it is (Python versions print mapped addresses
+        # differently; the Lua fallback does the same).
+        mapped = src.ipv4_mapped
+        return ("src", str(mapped if mapped is not None else src))
+    if isinstance(src, str) and src[:7].lower() == "::ffff:" and "." in src:
+        return ("src", src[7:])
     return ("src", str(src))
 
 
@@ -142,6 +152,7 @@ class CompiledRule:
         "index",
         "key",
         "keyless",
+        "labels",
         "methods",
         "name",
         "present",
@@ -166,6 +177,14 @@ class CompiledRule:
         self.decisions: dict[str, Decision] = {}
         #: The decision when the request gives no key (set by the policy).
         self.keyless: Decision | None = None
+        self.labels: dict[str, tuple[str, str, str]] = {}
+
+    def label(self, kind: str) -> tuple[str, str, str]:
+        """The (class, rule, key kind) label tuple, one object per kind."""
+        label = self.labels.get(kind)
+        if label is None:
+            label = self.labels[kind] = (self.worker_class, self.name, kind)
+        return label
 
     def conditions_hold(self, method: str, query: str | None) -> bool:
         if self.methods is not None and method not in self.methods:
@@ -239,7 +258,15 @@ class CompiledPolicy:
         # else. Bounded; cleared when full.
         self._chains: dict[str, tuple[CompiledRule, ...]] = {}
         for rule in (*self.rules, self.default):
-            rule.keyless = Decision(rule.worker_class, "none", None, None, rule.name, self.version)
+            rule.keyless = Decision(
+                rule.worker_class,
+                "none",
+                None,
+                None,
+                rule.name,
+                self.version,
+                rule.label("none"),
+            )
 
     def _chain(self, path: str) -> tuple[CompiledRule, ...]:
         """The rules whose paths match, up to the first without conditions.
@@ -290,7 +317,13 @@ class CompiledPolicy:
                 return decision
             digest = mmh3.hash(source.encode("utf-8", "surrogateescape"), self.seed, signed=False)
             decision = Decision(
-                rule.worker_class, kind, source, f"{digest:08x}", rule.name, self.version
+                rule.worker_class,
+                kind,
+                source,
+                f"{digest:08x}",
+                rule.name,
+                self.version,
+                rule.label(kind),
             )
             if len(source) <= MEMO_MAX_TEXT and self._memo_entries:
                 if len(memo) >= self._memo_entries:
@@ -298,7 +331,16 @@ class CompiledPolicy:
                 memo[source] = decision
             return decision
         except Exception:  # a bug; the request still gets routed
-            return Decision(self.default.worker_class, "none", None, None, ERROR_RULE, self.version)
+            worker_class = self.default.worker_class
+            return Decision(
+                worker_class,
+                "none",
+                None,
+                None,
+                ERROR_RULE,
+                self.version,
+                (worker_class, ERROR_RULE, "none"),
+            )
 
 
 def policy_version(content: bytes) -> str:

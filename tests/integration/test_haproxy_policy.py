@@ -145,6 +145,8 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
                 "127.0.0.1:0",
                 "--poll-interval",
                 "0.2",
+                "--http",
+                "127.0.0.1:0",
             ],
             tmp_path / "agent.log",
         ).start()

@@ -132,6 +132,9 @@ def digest(text: str, seed: int = 42) -> str:
         ("/k/uri", {}, "uri", "/k/uri"),
         ("/k/src", {"src": IPv6Address("2001:db8::1")}, "src", "2001:db8::1"),
         ("/k/src", {"src": "192.0.2.1"}, "src", "192.0.2.1"),
+        # IPv4 clients of a dual-stack listener: keyed as the IPv4 they are.
+        ("/k/src", {"src": IPv6Address("::ffff:192.0.2.7")}, "src", "192.0.2.7"),
+        ("/k/src", {"src": "::FFFF:192.0.2.7"}, "src", "192.0.2.7"),
         ("/nowhere", {"src": IPv4Address("10.0.0.9")}, "src", "10.0.0.9"),  # the default's key
     ],
 )

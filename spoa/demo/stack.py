@@ -1,0 +1,262 @@
+"""The whole router on one machine: HAProxy, the agent and demo workers on loopback.
+
+:class:`DemoStack` starts, with the shipped ``haproxy/haproxy.cfg`` unchanged:
+demo workers for every class of a policy (ports chosen at run time), a DNS
+server publishing them as SRV records (as a Kubernetes headless service
+would), ``spoa serve`` with the policy, and HAProxy configured through its
+environment variables. ``spoa demo`` drives it for people; the integration
+tests drive the very same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..policy import load_policy
+from .dns import Zone, serve_dns
+from .workers import DemoWorker, WorkerSpec
+
+ZONE = "spoa.test"
+REPO = Path(__file__).resolve().parents[2]
+
+#: Workers per class in the demo; classes not listed get one.
+DEFAULT_COUNTS: Mapping[str, int] = {
+    "synchrotron": 3,
+    "initial_sync": 2,
+    "client_reader": 2,
+    "event_creator": 3,
+    "federation_reader": 2,
+    "federation_inbound": 3,
+    "receipts": 2,
+    "device_lists": 2,
+    "sync": 3,
+    "generic": 3,
+}
+
+
+class StackError(RuntimeError):
+    """Something the demo needs is missing or failed to start."""
+
+
+def haproxy_binary() -> str:
+    found = shutil.which("haproxy") or (
+        "/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None
+    )
+    if found is None:
+        raise StackError(
+            "HAProxy is not installed. On Debian or Ubuntu: apt-get install haproxy "
+            "(./dev.sh run does it for you when run as root or with sudo)."
+        )
+    return found
+
+
+def service_name(worker_class: str) -> str:
+    """The SRV name a class's workers are published under."""
+    return f"_http._tcp.{worker_class.replace('_', '-')}.{ZONE}"
+
+
+def env_name(worker_class: str) -> str:
+    """The haproxy.cfg variable naming a class's workers: SYNAPSE_<CLASS>."""
+    return "SYNAPSE_" + re.sub(r"[^A-Za-z0-9]", "_", worker_class).upper()
+
+
+@dataclass
+class DemoStack:
+    """HAProxy + agent + workers + DNS; every port on 127.0.0.1, chosen at run time."""
+
+    workdir: Path
+    policy: Path
+    port: int = 8008
+    stats_port: int = 8404
+    agent_port: int = 12345
+    #: The agent's HTTP endpoint (metrics, status page); port 0 picks one.
+    agent_http: str = "127.0.0.1:9090"
+    counts: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_COUNTS))
+    check_inter: str = "1s"
+    poll_interval: float = 1.0
+    haproxy_dir: Path = REPO / "haproxy"
+    lua_dir: Path = REPO / "lua"
+    zone: Zone = field(default_factory=Zone)
+    workers: dict[str, list[DemoWorker]] = field(default_factory=dict)
+    main: DemoWorker | None = None
+    agent: subprocess.Popen[bytes] | None = None
+    haproxy: subprocess.Popen[bytes] | None = None
+    classes: tuple[str, ...] = ()
+    _dns: asyncio.DatagramTransport | None = None
+    dns_port: int = 0
+
+    # -- start and stop ----------------------------------------------------------
+
+    async def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        binary = haproxy_binary()
+        self.classes = load_policy(str(self.policy)).classes
+        self._dns, self.dns_port = await serve_dns(self.zone)
+        self.main = await DemoWorker(WorkerSpec("main-1", "main", "127.0.0.1", 0)).start()
+        for worker_class in self.classes:
+            if worker_class != "main":
+                await self.start_class(worker_class)
+        self.start_agent()
+        self._start_haproxy(binary)
+
+    async def start_class(self, worker_class: str) -> list[DemoWorker]:
+        """Start (again) a class's workers on their previous ports, or new ones."""
+        previous = self.workers.get(worker_class, [])
+        count = self.counts.get(worker_class, 1)
+        workers = []
+        for n in range(1, count + 1):
+            port = previous[n - 1].port if len(previous) >= n else 0
+            spec = WorkerSpec(f"{worker_class}-{n}", worker_class, "127.0.0.1", port)
+            workers.append(await DemoWorker(spec).start())
+        self.workers[worker_class] = workers
+        self.zone.set_service(
+            service_name(worker_class),
+            [(f"{w.spec.name.replace('_', '-')}.{ZONE}", "127.0.0.1", w.port) for w in workers],
+        )
+        return workers
+
+    async def stop_class(self, worker_class: str) -> None:
+        """Stop a class's workers; their DNS records stay, as with crashed pods."""
+        for worker in self.workers.get(worker_class, []):
+            await worker.stop()
+
+    def start_agent(self) -> None:
+        log = (self.workdir / "agent.log").open("ab")
+        command = [
+            sys.executable,
+            "-m",
+            "spoa",
+            "serve",
+            "--policy",
+            str(self.policy),
+            "--listen",
+            f"127.0.0.1:{self.agent_port}",
+            "--poll-interval",
+            str(self.poll_interval),
+        ]
+        command += ["--http", self.agent_http]
+        self.agent = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        log.close()
+
+    def stop_agent(self, sig: int = signal.SIGTERM) -> None:
+        if self.agent is not None and self.agent.poll() is None:
+            self.agent.send_signal(sig)
+            try:
+                self.agent.wait(15)
+            except subprocess.TimeoutExpired:
+                self.agent.kill()
+                self.agent.wait()
+
+    def haproxy_env(self) -> dict[str, str]:
+        assert self.main is not None
+        env = dict(os.environ)
+        env.update(
+            SPOA_BIND=f"127.0.0.1:{self.port}",
+            SPOA_STATS_BIND=f"127.0.0.1:{self.stats_port}",
+            SPOA_AGENT=f"127.0.0.1:{self.agent_port}",
+            SPOA_CONF_DIR=str(self.haproxy_dir),
+            SPOA_LUA_DIR=str(self.lua_dir),
+            SPOA_DNS=f"127.0.0.1:{self.dns_port}",
+            SPOA_CHECK_INTER=self.check_inter,
+            SYNAPSE_MAIN=f"127.0.0.1:{self.main.port}",
+        )
+        if "generic" in self.classes:
+            env["SPOA_FALLBACK"] = "simple"
+        for worker_class in self.classes:
+            if worker_class != "main":
+                env[env_name(worker_class)] = service_name(worker_class)
+        return env
+
+    def _start_haproxy(self, binary: str) -> None:
+        config = str(self.haproxy_dir / "haproxy.cfg")
+        check = subprocess.run(
+            [binary, "-c", "-q", "-f", config],
+            env=self.haproxy_env(),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if check.returncode != 0:
+            raise StackError(f"haproxy -c failed:\n{check.stdout}{check.stderr}")
+        log = (self.workdir / "haproxy.log").open("ab")
+        self.haproxy = subprocess.Popen(
+            [binary, "-db", "-f", config],
+            env=self.haproxy_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+        )
+        log.close()
+
+    async def stop(self) -> None:
+        if self.haproxy is not None and self.haproxy.poll() is None:
+            self.haproxy.terminate()
+            try:
+                self.haproxy.wait(10)
+            except subprocess.TimeoutExpired:
+                self.haproxy.kill()
+        self.stop_agent()
+        for worker_class in list(self.workers):
+            await self.stop_class(worker_class)
+        if self.main is not None:
+            await self.main.stop()
+        if self._dns is not None:
+            self._dns.close()
+
+    # -- state ---------------------------------------------------------------------
+
+    def stats(self) -> list[dict[str, str]]:
+        """HAProxy's stats CSV, one dict per proxy or server."""
+        url = f"http://127.0.0.1:{self.stats_port}/stats;csv"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        return list(csv.DictReader(io.StringIO(text.lstrip("# "))))
+
+    def server_states(self) -> dict[tuple[str, str], str]:
+        return {(row["pxname"], row["svname"]): row["status"] for row in self.stats()}
+
+    def ready(self) -> bool:
+        """Every worker UP in its backend, main UP, the agent UP."""
+        try:
+            states = self.server_states()
+        except OSError:
+            return False
+        if states.get(("be_spoa", "agent1")) != "UP":
+            return False
+        if states.get(("be_main", "main")) != "UP":
+            return False
+        for worker_class, workers in self.workers.items():
+            up = sum(
+                1
+                for (backend, server), status in states.items()
+                if backend == f"be_{worker_class}" and server.startswith("w") and status == "UP"
+            )
+            if up < len(workers):
+                return False
+        return True
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, proc in (("HAProxy", self.haproxy), ("the agent", self.agent)):
+                if proc is not None and proc.poll() is not None:
+                    log = self.workdir / ("haproxy.log" if name == "HAProxy" else "agent.log")
+                    tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                    raise StackError(f"{name} exited with status {proc.returncode}:\n{tail}")
+            if await asyncio.to_thread(self.ready):
+                return
+            await asyncio.sleep(0.2)
+        raise StackError(f"not ready after {timeout:.0f}s; see {self.workdir}/haproxy.log")

@@ -1,0 +1,185 @@
+"""Prometheus metrics of every decision, of SPOP and of policy reloads.
+
+The hot path only bumps plain Python counters (a dict entry per decision, a
+histogram bucket); :class:`AgentCollector` turns them into Prometheus metric
+families when scraped. Labels come from closed sets only: classes and rules
+of the policies loaded, key kinds, frame types, SPOE status names, reload
+results. Never a path, token, user, room or key.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Iterator
+from typing import Final
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .policy import DEFAULT_RULE
+from .policy.reload import PolicyHolder
+from .server import ServerStats
+from .spop import Status
+from .stats import LATENCY_BOUNDS_NS, LATENCY_SAMPLE, DecisionStats
+
+_STATUS_NAMES: Final = {int(s): s.name.lower() for s in Status}
+
+
+class AgentCollector(Collector):
+    """Everything the agent exports, read from its counters at scrape time."""
+
+    def __init__(
+        self,
+        server: ServerStats,
+        decisions: DecisionStats,
+        holder: PolicyHolder | None,
+    ) -> None:
+        self.server = server
+        self.decisions = decisions
+        self.holder = holder
+        self.started = time.time()
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._decisions()
+        yield from self._spop()
+        yield from self._policy()
+        build = InfoMetricFamily("spoa_build", "The agent's version and runtime.")
+        build.add_metric([], {"version": __version__, "python": platform.python_version()})
+        yield build
+        start = GaugeMetricFamily("spoa_start_time_seconds", "When the agent started (Unix).")
+        start.add_metric([], self.started)
+        yield start
+
+    def _decisions(self) -> Iterator[Metric]:
+        counts = dict(self.decisions.counts)
+        decided = CounterMetricFamily(
+            "spoa_decisions",
+            "Routing decisions, by worker class, rule and key kind used.",
+            labels=["class", "rule", "key_kind"],
+        )
+        default = 0
+        for (worker_class, rule, key_kind), value in sorted(counts.items()):
+            decided.add_metric([worker_class, rule, key_kind], value)
+            if rule == DEFAULT_RULE:
+                default += value
+        yield decided
+        fell_back = CounterMetricFamily(
+            "spoa_default_decisions", "Decisions no rule took: the policy's default decided."
+        )
+        fell_back.add_metric([], default)
+        yield fell_back
+        buckets = list(self.decisions.buckets)
+        cumulative = []
+        running = 0
+        for bound, count in zip((*LATENCY_BOUNDS_NS, None), buckets, strict=True):
+            running += count
+            cumulative.append(("+Inf" if bound is None else repr(bound / 1e9), running))
+        latency = HistogramMetricFamily(
+            "spoa_decision_duration_seconds",
+            "Time to decide one request and build its answer, in seconds "
+            f"(one decision in {LATENCY_SAMPLE} is timed).",
+        )
+        latency.add_metric([], cumulative, self.decisions.latency_sum_ns / 1e9)
+        yield latency
+        unrouted = CounterMetricFamily(
+            "spoa_unrouted_messages",
+            "NOTIFY frames without a route message (check the SPOE configuration).",
+        )
+        unrouted.add_metric([], self.decisions.unrouted)
+        yield unrouted
+
+    def _spop(self) -> Iterator[Metric]:
+        s = self.server
+        open_connections = GaugeMetricFamily(
+            "spoa_connections_open", "SPOP connections from HAProxy open now."
+        )
+        open_connections.add_metric([], s.connections_open)
+        yield open_connections
+        accepted = CounterMetricFamily("spoa_connections_accepted", "SPOP connections accepted.")
+        accepted.add_metric([], s.connections_accepted)
+        yield accepted
+        refused = CounterMetricFamily(
+            "spoa_connections_refused", "HELLOs refused: over the connection limit."
+        )
+        refused.add_metric([], s.connections_refused)
+        yield refused
+        received = CounterMetricFamily(
+            "spoa_frames_received", "SPOP frames received, by frame type.", labels=["type"]
+        )
+        received.add_metric(["haproxy_hello"], s.hello_frames)
+        received.add_metric(["notify"], s.notify_frames)
+        received.add_metric(["haproxy_disconnect"], s.disconnect_frames_received)
+        yield received
+        sent = CounterMetricFamily(
+            "spoa_frames_sent", "SPOP frames sent, by frame type.", labels=["type"]
+        )
+        sent.add_metric(["agent_hello"], s.agent_hello_frames)
+        sent.add_metric(["ack"], s.ack_frames)
+        sent.add_metric(["agent_disconnect"], s.disconnect_frames_sent)
+        yield sent
+        checks = CounterMetricFamily(
+            "spoa_healthchecks", "Health-check HELLOs answered (HAProxy's spop-check)."
+        )
+        checks.add_metric([], s.healthchecks)
+        yield checks
+        errors = CounterMetricFamily(
+            "spoa_protocol_errors",
+            "Connections closed for a protocol error, by SPOE status.",
+            labels=["status"],
+        )
+        for status, count in sorted(s.protocol_errors.items()):
+            errors.add_metric([_STATUS_NAMES.get(status, str(status))], count)
+        yield errors
+        handler = CounterMetricFamily(
+            "spoa_handler_errors",
+            "Requests whose handler failed; they were answered with a no-op (fail open).",
+        )
+        handler.add_metric([], s.handler_errors)
+        yield handler
+
+    def _policy(self) -> Iterator[Metric]:
+        holder = self.holder
+        if holder is None:
+            return
+        reloads = CounterMetricFamily(
+            "spoa_policy_reloads", "Policy reload attempts, by result.", labels=["result"]
+        )
+        reloads.add_metric(["success"], holder.reloads_ok)
+        reloads.add_metric(["failure"], holder.reloads_failed)
+        yield reloads
+        policy = holder.current
+        info = InfoMetricFamily("spoa_policy", "The running policy.")
+        info.add_metric([], {"version": policy.version, "name": policy.spec.name or ""})
+        yield info
+        loaded = GaugeMetricFamily(
+            "spoa_policy_last_reload_success_timestamp_seconds",
+            "When the running policy was loaded (Unix time).",
+        )
+        loaded.add_metric([], holder.loaded_at)
+        yield loaded
+        ok = GaugeMetricFamily(
+            "spoa_policy_last_reload_successful",
+            "1 if the last reload attempt succeeded (or none failed since start), else 0.",
+        )
+        ok.add_metric([], 1.0 if holder.last_reload_ok else 0.0)
+        yield ok
+        rules = GaugeMetricFamily("spoa_policy_rules", "Rules in the running policy.")
+        rules.add_metric([], len(policy.rules))
+        yield rules
+
+
+def build_registry(collector: AgentCollector) -> CollectorRegistry:
+    """An isolated registry: the agent's collector and the process metrics."""
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(collector)
+    ProcessCollector(registry=registry)
+    return registry

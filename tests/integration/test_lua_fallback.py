@@ -1,0 +1,941 @@
+"""The Lua fallback routes like the agent: same classes, same keys, through real HAProxy 2.6.
+
+When the agent does not answer, ``lua/matrix_fallback.lua`` routes the core
+families (sync, initial sync, media, inbound federation, federation reads,
+event sending). For every request of those families its class and hash key
+must be the ones the agent's policy would have given, so stickiness survives
+an agent outage. Each test frontend runs the action with arguments taken from
+``haproxy/haproxy.cfg`` and answers with the variables it set; the same
+requests go through :meth:`CompiledPolicy.decide` in Python.
+
+Requests are sent as raw bytes over keep-alive sockets bound to 127.0.0.x
+source addresses, so percent-escapes, odd header bytes and the client
+address are exactly what the test says.
+"""
+
+from __future__ import annotations
+
+import base64
+import socket
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+from pathlib import Path
+
+import mmh3
+import pytest
+
+from spoa.policy import CompiledPolicy, Decision, Request, load_policy
+from spoa.traffic import Deployment, generate
+from tests.integration.harness import HAProxy, free_port, wait_until
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+LUA = ROOT / "lua" / "matrix_fallback.lua"
+REFERENCE_CONFIG = ROOT / "haproxy" / "haproxy.cfg"
+
+FAMILIES = (
+    "sync",
+    "initial_sync",
+    "federation_inbound",
+    "federation_reader",
+    "media",
+    "event_sending",
+)
+#: Each family must be compared at least this many times in a parity test.
+MIN_PER_FAMILY = 20
+GENERATED = 2000
+#: Client addresses the requests come from (all of 127/8 is loopback).
+SOURCES = tuple(f"127.0.0.{n}" for n in range(2, 10))
+
+#: The Python rules behind each fallback family, per policy.
+WORKER_RULES = {
+    "sync": {"sync"},
+    "initial_sync": {"initial_sync", "initial_sync_legacy"},
+    "federation_inbound": {"federation_inbound"},
+    "federation_reader": {"federation_reader"},
+    "media": {"media"},
+    "event_sending": {"event_sending"},
+}
+SIMPLE_RULES = {family: {"default"} for family in FAMILIES} | {
+    "sync": {"sync"},
+    "initial_sync": {"sync"},
+}
+
+SEEDS = (0, 1, 42, 1234, 0x9747B28C, 2**31, 2**32 - 1)
+#: Key-kind arguments for the hash frontends: room keys give short keys of
+#: any bytes (through /join/<percent-encoded bytes>), uri keys long ones.
+HASH_ARGS = (
+    "sync=s:none initial_sync=s:none federation_inbound=f:origin federation_reader=r:uri "
+    "media=m:none event_sending=e:room rest=main:none seed={seed}"
+)
+#: Malformed arguments: a class without key kind, an empty class, an unknown
+#: key kind, a third field, an unknown family, a missing family (media) and a
+#: seed that is not a number.
+BAD_ARGS = (
+    "sync=synchrotron initial_sync=:user federation_inbound=federation_inbound:bogus "
+    "federation_reader=federation_reader:uri:extra bogus=1 event_sending=event_creator:room "
+    "rest=main:none seed=abc"
+)
+#: The rest family itself is malformed, the seed is out of range and one
+#: argument has spaces inside.
+NO_REST_ARGS = (
+    'rest=main sync=synchrotron:user "initial_sync = initial_sync:user" '
+    "federation_inbound=fi:origin federation_reader=fr:uri media=m:none "
+    "event_sending=event_creator:room seed=4294967296"
+)
+#: Arguments that are not name=value at all, in any order.
+JUNK_ARGS = "= == seed=-1 sync=a/b:user rest=main:none media=m:none x event_sending=e:room"
+
+ANSWER = (
+    "%[var(txn.route.backend)] %[var(txn.route.key)] %[var(txn.route.rule)] "
+    "%[var(txn.route.via)]\\n"
+)
+
+FRONTEND = """\
+frontend fe_{name}
+    bind 127.0.0.1:{port}
+    http-request lua.{action} {args}
+    http-request return status 200 content-type text/plain lf-string "{answer}" \
+hdr X-Route-Policy "%[var(txn.route.policy)]"
+"""
+
+#: Loaded before the fallback: registers, next to matrix_fallback, an action
+#: that runs the same function on a transaction whose set_var fails for
+#: txn.route.policy, after the class, key and rule were set. Only a test can
+#: make the action fail from the inside.
+FAILING_SHIM = """\
+local register_action = core.register_action
+
+local function failing_txn(txn)
+    return {
+        f = txn.f,
+        set_var = function(_, name, value)
+            if name == "txn.route.policy" then
+                error("set_var failed on purpose")
+            end
+            return txn:set_var(name, value)
+        end,
+        unset_var = function(_, name)
+            return txn:unset_var(name)
+        end,
+    }
+end
+
+core.register_action = function(name, actions, action, nb_args)
+    register_action(name, actions, action, nb_args)
+    register_action(name .. "_failing", actions, function(txn, ...)
+        return action(failing_txn(txn), ...)
+    end, nb_args)
+end
+"""
+
+CONFIG = """\
+global
+    lua-load "{shim}"
+    lua-load "{lua}"
+
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 10s
+    timeout server 10s
+    timeout http-keep-alive 10s
+
+{frontends}
+"""
+
+
+def reference_arguments() -> dict[str, str]:
+    """The action's arguments in haproxy/haproxy.cfg, by policy.
+
+    The line under ``.if streq("$SPOA_FALLBACK",simple)`` is for
+    policies/simple.yaml, the one under ``.else`` for synapse-workers.yaml.
+    """
+    found: dict[str, str] = {}
+    branch = ""
+    for line in REFERENCE_CONFIG.read_text().splitlines():
+        text = line.strip()
+        if text.startswith(".if") and "SPOA_FALLBACK" in text and "simple" in text:
+            branch = "simple"
+        elif text == ".else" and branch == "simple":
+            branch = "synapse-workers"
+        elif text == ".endif":
+            branch = ""
+        elif text.startswith("http-request lua.matrix_fallback ") and branch:
+            args = text.removeprefix("http-request lua.matrix_fallback ")
+            found[branch] = args.partition(" if ")[0]
+    assert set(found) == {"simple", "synapse-workers"}, found
+    return found
+
+
+# -- requests and answers ---------------------------------------------------------------
+
+
+def _agent_text(raw: bytes) -> str:
+    # What the agent receives: SPOE strings decoded with surrogateescape.
+    return raw.decode("utf-8", "surrogateescape")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One request, as bytes on the wire and as the agent would see it."""
+
+    method: str
+    target: bytes
+    auth: bytes | None = None
+    src: str = SOURCES[0]
+
+    def wire(self) -> bytes:
+        lines = [self.method.encode() + b" " + self.target + b" HTTP/1.1", b"Host: test"]
+        if self.auth is not None:
+            lines.append(b"Authorization: " + self.auth)
+        return b"\r\n".join([*lines, b"", b""])
+
+    def request(self) -> Request:
+        path, question, query = self.target.partition(b"?")
+        return Request(
+            self.method,
+            _agent_text(path),
+            _agent_text(query) if question else None,
+            # HAProxy drops the spaces and tabs around a header value.
+            _agent_text(self.auth.strip(b" \t")) if self.auth is not None else None,
+            self.src,
+        )
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The variables the Lua action set ("" when not set)."""
+
+    backend: str
+    key: str
+    rule: str
+    via: str
+    policy: str
+
+    @property
+    def family(self) -> str:
+        return self.rule.removeprefix("fallback_")
+
+
+class Client:
+    """Keep-alive HTTP/1.1 over raw sockets, one connection per port and source."""
+
+    def __init__(self) -> None:
+        self._sockets: dict[tuple[int, str], socket.socket] = {}
+
+    def close(self) -> None:
+        for sock in self._sockets.values():
+            sock.close()
+        self._sockets.clear()
+
+    def _socket(self, port: int, source: str) -> socket.socket:
+        sock = self._sockets.get((port, source))
+        if sock is None:
+            sock = socket.create_connection(("127.0.0.1", port), 5, source_address=(source, 0))
+            self._sockets[(port, source)] = sock
+        return sock
+
+    def _exchange(self, sock: socket.socket, data: bytes) -> tuple[int, dict[str, str], bytes]:
+        sock.sendall(data)
+        buffer = b""
+        while b"\r\n\r\n" not in buffer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed before the response")
+            buffer += chunk
+        head, _, body = buffer.partition(b"\r\n\r\n")
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in header_lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed in the body")
+            body += chunk
+        return int(status_line.split()[1]), headers, body
+
+    def send(self, port: int, case: Case) -> Answer:
+        try:
+            status, headers, body = self._exchange(self._socket(port, case.src), case.wire())
+        except OSError:
+            # A keep-alive connection HAProxy closed meanwhile: reconnect once.
+            self._sockets.pop((port, case.src)).close()
+            status, headers, body = self._exchange(self._socket(port, case.src), case.wire())
+        assert status == 200, (case, status, body)
+        backend, key, rule, via = body.decode().rstrip("\n").split(" ")
+        return Answer(backend, key, rule, via, headers.get("x-route-policy", ""))
+
+
+# -- HAProxy ------------------------------------------------------------------------------
+
+
+@dataclass
+class Proxy:
+    haproxy: HAProxy
+    ports: dict[str, int]
+    client: Client
+
+    def send(self, frontend: str, case: Case) -> Answer:
+        return self.client.send(self.ports[frontend], case)
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+    arguments = reference_arguments()
+    action = "matrix_fallback"
+    frontends = {
+        "workers": (action, arguments["synapse-workers"]),
+        "simple": (action, arguments["simple"]),
+        "bad": (action, BAD_ARGS),
+        "norest": (action, NO_REST_ARGS),
+        "junk": (action, JUNK_ARGS),
+        "failing": (action + "_failing", arguments["synapse-workers"]),
+    } | {f"seed{seed}": (action, HASH_ARGS.format(seed=seed)) for seed in SEEDS}
+    ports = {name: free_port() for name in frontends}
+    workdir = tmp_path_factory.mktemp("lua-fallback")
+    shim = workdir / "failing_shim.lua"
+    shim.write_text(FAILING_SHIM)
+    config = CONFIG.format(
+        shim=shim,
+        lua=LUA,
+        frontends="\n".join(
+            FRONTEND.format(name=name, port=ports[name], action=act, args=args, answer=ANSWER)
+            for name, (act, args) in frontends.items()
+        ),
+    )
+    haproxy = HAProxy(workdir, config)
+    haproxy.start(ports["workers"])
+    client = Client()
+    try:
+        yield Proxy(haproxy, ports, client)
+    finally:
+        client.close()
+        haproxy.stop()
+    # No error but the ones the failing frontend causes on purpose.
+    errors = [line for line in haproxy.log().splitlines() if "error" in line.lower()]
+    assert all("on purpose" in line for line in errors), errors
+
+
+# -- the shared request set -----------------------------------------------------------------
+
+
+def generated_cases() -> list[Case]:
+    """Realistic traffic, each generated client address mapped to a local one."""
+    cases = []
+    for request in generate(GENERATED, Deployment(seed=11)):
+        auth = request.auth
+        source = SOURCES[int(IPv4Address(request.src)) % len(SOURCES)]
+        cases.append(
+            Case(
+                request.method,
+                request.target.encode(),
+                auth.encode() if auth is not None else None,
+                source,
+            )
+        )
+    return cases
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode().rstrip("=")
+
+
+ALICE = f"syt_{_b64(b'alice')}_AbCdEfGhIjKlMnOpQrSt_0a1B2c"
+
+#: Tokens: syt_ ones that decode, and every way of not being one.
+TOKENS = (
+    ALICE,
+    "syt_YWxpY2U_x",  # three parts is enough
+    "syt_YWxpY2U_",  # and the last may be empty
+    "syt_YWxpY2U",  # two parts: the whole token
+    "syt__x_y",  # empty localpart field
+    "syt_",
+    "syt_YQ=_x_y",  # padding inside the field
+    "syt_YQ==_x_y",
+    "syt_YWJj===_x_y",  # padding after a complete quad (accepted)
+    "syt_YQ===_x_y",  # data after the padding
+    "syt_=YQ_x_y",  # leading padding
+    "syt_YQ=Q_x_y",  # data between padding characters
+    "syt_YR_x_y",  # non-canonical trailing bits: still "a"
+    "syt_YWxpY_x_y",  # 5 characters: impossible length
+    "syt_YW!pY2U_x_y",  # not base64
+    "syt_YW-pY2U_x_y",  # urlsafe alphabet is not base64
+    "syt_" + _b64(b"\xff\xfe") + "_x_y",  # not UTF-8
+    "syt_" + _b64(b"\xed\xa0\x80") + "_x_y",  # an encoded surrogate: not UTF-8
+    "syt_" + _b64(b"\xc0\xaf") + "_x_y",  # overlong
+    "syt_" + _b64(b"\xf4\x90\x80\x80") + "_x_y",  # above U+10FFFF
+    "syt_" + _b64("é".encode()) + "_x_y",
+    "syt_" + _b64("😀".encode()) + "_x_y",  # "+" in the field
+    "syt_" + _b64(b"\x00") + "_x_y",  # a NUL localpart is still a localpart
+    "SYT_YWxpY2U_x_y",
+    "mat_abcdefghijklmnopqrstuvwxyz_123456",
+    "MDAxOGxvY2F0aW9uIGV4YW1wbGUub3JnCjAwMTNpZGVudGlmaWVyIGtleQo",
+)
+
+
+def _sync_cases() -> list[Case]:
+    cases = []
+    for token in TOKENS:
+        bearer = f"Bearer {token}".encode()
+        cases.append(Case("GET", b"/_matrix/client/v3/sync?since=s1_2&timeout=30000", bearer))
+        cases.append(Case("GET", b"/_matrix/client/v3/sync", bearer))
+        cases.append(
+            Case("GET", b"/_matrix/client/r0/sync?since=s9&access_token=" + token.encode())
+        )
+    queries = (
+        b"since=",
+        b"since",
+        b"timeout=0&since",
+        b"since=&since=s2",  # the first one counts: empty
+        b"since=s2&since=",
+        b"%73ince=s1",  # percent-encoded name
+        b"%73%69nce=s1",
+        b"%73INCE=s1",
+        b"since%3Ds1",
+        b"since%=s1",
+        b"xsince=s1",
+        b"SINCE=s1",
+        b"&&since=s1&&",
+        b"filter=%7B%7D&since=s%20x",
+        b"",
+    )
+    alice = f"Bearer {ALICE}".encode()
+    for query in queries:
+        cases.append(Case("GET", b"/_matrix/client/v3/sync?" + query, alice))
+    headers = (
+        b"bEaReR " + ALICE.encode(),
+        b"Bearer \t " + ALICE.encode() + b" \t",
+        b"Bearer",
+        b"Bearer ",
+        b"Bearer\t" + ALICE.encode(),
+        b"Bearerx " + ALICE.encode(),
+        b"Basic dXNlcjpwYXNz",
+        b"",
+    )
+    for header in headers:
+        cases.append(Case("GET", b"/_matrix/client/v3/sync?since=s1", header))
+        cases.append(
+            Case("GET", b"/_matrix/client/v3/sync?since=s1&access_token=syt_Ym9i_q_r", header)
+        )
+    for query in (
+        b"access_token=syt%5FYm9i%5Fq%5Fr",  # decoded once: bob
+        b"access_token=syt_Ym9i_q_r&access_token=syt_YWxpY2U_x_y",
+        b"access_token=&access_token=syt_Ym9i_q_r",  # the first one counts: empty
+        b"access_token",
+        b"access%5Ftoken=syt_Ym9i_q_r",  # the agent ignores an encoded name alone
+        b"access%5Ftoken=syt_Ym9i_q_r&access_token=syt_YWxpY2U_x_y",
+        b"access_token=%ZZ",
+        b"access_token=%FF%FE",
+        b"access_token=syt_%FF_x",
+        b"access_token=syt_Ym9i_q_r%2",
+        b"access_token=a%2525b",
+    ):
+        cases.append(Case("GET", b"/_matrix/client/v3/sync?since=s1&" + query))
+    for path in (
+        b"/_matrix/client/api/v1/events",
+        b"/_matrix/client/r0/events",
+        b"/_matrix/client/v3/events?from=s1",
+        b"/_matrix/client/api/v1/initialSync",
+        b"/_matrix/client/r0/initialSync?limit=1",
+        b"/_matrix/client/v3/rooms/%21abc%3Aexample.org/initialSync",
+        b"/_matrix/client/api/v1/rooms/!abc:example.org/initialSync",
+        b"/_matrix/client/r0/sync",
+        # Near misses: rest.
+        b"/_matrix/client/v3/sync/",
+        b"/_matrix/client/v4/sync?since=s1",
+        b"/_matrix/client/unstable/sync?since=s1",
+        b"/_matrix/client/api/v1/sync",
+        b"/_matrix/client/v3/syncx",
+        b"/_MATRIX/client/v3/sync",
+        b"//_matrix/client/v3/sync",
+        b"/_matrix/client/v3/sync%2F",
+        b"/_matrix/client/v3/events/",
+        b"/_matrix/client/unstable/events",
+        b"/_matrix/client/v3/initialSync/x",
+        b"/_matrix/client/v3/rooms//initialSync",
+        b"/_matrix/client/v3/rooms/a/b/initialSync",
+    ):
+        cases.append(Case("GET", path, alice))
+    return cases
+
+
+ROOMS = (
+    b"!abc:example.org",
+    b"%21abc%3Aexample.org",
+    b"%21abc%3aexample.org",
+    b"%2521abc%3Aexample.org",  # decoded once: %21abc:example.org
+    b"%23alias%3Aexample.org",
+    b"%2Calias",
+    b"!abc%2Fdef:example.org",  # an encoded slash stays in the segment
+    b"%E2%82%AC",  # UTF-8 for the euro sign
+    b"%FF%FE",  # not UTF-8
+    b"%e2%82",  # truncated UTF-8
+    b"%2",  # bad escapes stay as they are
+    b"%zz%",
+    b"%%21",
+    b"%G1abc",
+    b"%00",
+)
+
+
+def _room_cases() -> list[Case]:
+    cases = []
+    alice = f"Bearer {ALICE}".encode()
+    for room in ROOMS:
+        for version in (b"api/v1", b"r0", b"v3", b"unstable"):
+            prefix = b"/_matrix/client/" + version
+            cases.append(
+                Case("PUT", prefix + b"/rooms/" + room + b"/send/m.room.message/t1", alice)
+            )
+        prefix = b"/_matrix/client/v3"
+        for suffix in (
+            b"/redact/$ev/t2",
+            b"/state/m.room.member/@alice:example.org",
+            b"/state/m.room.name/",
+            b"/state/",
+            b"/join",
+            b"/invite",
+            b"/leave",
+            b"/ban",
+            b"/unban",
+            b"/kick",
+            b"/sendx",
+            # Near misses: rest.
+            b"/state",
+            b"/join/",
+            b"/joined_members",
+            b"/forget",
+            b"/kick/x",
+            b"/messages",
+            b"/typing/@alice:example.org",
+            b"/receipt/m.read/$ev",
+        ):
+            cases.append(Case("POST", prefix + b"/rooms/" + room + suffix, alice))
+        cases.append(Case("POST", prefix + b"/join/" + room + b"?server_name=example.org", alice))
+        cases.append(Case("POST", b"/_matrix/client/r0/knock/" + room, alice))
+    for path in (
+        b"/_matrix/client/v3/join/",
+        b"/_matrix/client/v3/join//x",
+        b"/_matrix/client/v3/join/rooms/x",
+        b"/_matrix/client/v3/knock/%21k%3Ax/rooms/%21r%3Ax",
+        b"/_matrix/client/v3/rooms//send/x",
+        b"/_matrix/client/v3/rooms/%21a%3Ax/join/%21b%3Ax",
+        b"/_matrix/client/v4/rooms/!a:x/send/m.room.message/1",
+        b"/_matrix/client/v3/room/!a:x/send/m.room.message/1",
+        b"/_matrix/client/v3/rooms/!a:x",
+    ):
+        cases.append(Case("POST", path, alice))
+    return cases
+
+
+#: X-Matrix headers: (header, what the case is about).
+XMATRIX = (
+    b'X-Matrix origin="remote.example",destination="example.org",key="ed25519:a",sig="c2ln"',
+    b'X-Matrix destination="example.org",key="ed25519:a",origin="late.example",sig="c2ln"',
+    b"X-Matrix origin=remote.example:8448,key=ed25519:a,sig=c2ln",
+    b"X-Matrix origin=[2001:db8::1]:8448,key=ed25519:a",
+    b'X-Matrix origin="[2001:db8::1]",key="ed25519:a"',
+    b"X-Matrix origin=[::1]",
+    b"x-matrix origin=lower.example",
+    b"X-MATRIX ORIGIN=upper.example",
+    b"X-Matrix   oRiGiN=spaces.example",
+    b'X-Matrix origin = "padded.example" , key = "k"',
+    b'X-Matrix key="k"\t,\torigin=tabs.example',
+    b'X-Matrix origin="a\\"b.example"',  # escaped quote
+    b'X-Matrix origin="a\\\\b.example"',  # escaped backslash
+    b'X-Matrix origin="a\\b.example"',  # an escaped ordinary character
+    b'X-Matrix key="a,origin=b",sig="c"',  # a comma inside quotes: no origin
+    b'X-Matrix origin="truncated.example',
+    b'X-Matrix origin="a.example\\',
+    b'X-Matrix key="k",origin',
+    b'X-Matrix key="k",origin=',
+    b"X-Matrix origin=,key=k",
+    b'X-Matrix origin="",origin=second.example',
+    b"X-Matrix origin=first.example,origin=second.example",
+    b"X-Matrix origin=trailing.example,",
+    b"X-Matrix ,origin=a.example",
+    b"X-Matrix origin==a.example",
+    b'X-Matrix origin="a.example"b',
+    b"X-Matrix key=k origin=a.example",
+    b"X-Matrix origin=a b",
+    b"X-Matrix origin=a\x0bb",  # vertical tab: whitespace to the agent
+    b"X-Matrix origin=a\x1cb",  # so is \x1c
+    b"X-Matrix origin=a\xc2\xa0b",  # and a no-break space
+    b"X-Matrix origin=a\xe2\x80\x8a",  # and a hair space
+    b"X-Matrix origin=a\xe2\x80\x8bb",  # a zero-width space is not
+    b"X-Matrix origin=a\x85b",  # nor a lone \x85 byte
+    b"X-Matrix origin=a\xc2b",  # a broken UTF-8 sequence
+    b'X-Matrix origin="q\xffq"',
+    b"X-Matrix origin=nul\x00.example",
+    b"X-Matrix origin=del\x7f.example",
+    b"X-Matrix key=k,sig=s",  # no origin: the client address
+    b"X-Matrix",
+    b"X-Matrix ",
+    b"X-Matrix\torigin=tab.example",
+    b"X-Matrixorigin=a.example",
+    b"X-Matrix-Ext origin=a.example",
+    b"Bearer " + ALICE.encode(),
+    b'Signature origin="a.example"',
+)
+
+
+def _federation_cases() -> list[Case]:
+    cases = []
+    for i, header in enumerate(XMATRIX):
+        source = SOURCES[i % len(SOURCES)]
+        cases.append(Case("PUT", b"/_matrix/federation/v1/send/txn%d" % i, header, source))
+        cases.append(
+            Case("GET", b"/_matrix/federation/v1/state_ids/%21r%3Ax?event_id=%24e", header)
+        )
+    for source in SOURCES:
+        cases.append(Case("PUT", b"/_matrix/federation/v1/send/1", None, source))
+    for path in (
+        b"/_matrix/federation/v1/send/",
+        b"/_matrix/federation/v1/version",
+        b"/_matrix/federation/v1/version?",
+        b"/_matrix/federation/v1/version?x=1",
+        b"/_matrix/federation/v1/event/$ev?x=%41",
+        b"/_matrix/federation/v1/state/%21r%3Ax?event_id=%24e",
+        b"/_matrix/federation/v1/backfill/!r:x?v=%24e&limit=10",
+        b"/_matrix/federation/v1/get_missing_events/!r:x",
+        b"/_matrix/federation/v1/publicRooms",
+        b"/_matrix/federation/v1/publicRoomsX?limit=5",
+        b"/_matrix/federation/v1/query/profile?user_id=%40a%3Ax",
+        b"/_matrix/federation/v1/make_join/!r:x/@u:y?ver=10",
+        b"/_matrix/federation/v1/make_leave/!r:x/@u:y",
+        b"/_matrix/federation/v1/send_join/!r:x/$e",
+        b"/_matrix/federation/v2/send_join/!r:x/$e?omit_members=true",
+        b"/_matrix/federation/v2/send_leave/!r:x/$e",
+        b"/_matrix/federation/v1/make_knock/!r:x/@u:y",
+        b"/_matrix/federation/v1/send_knock/!r:x/$e",
+        b"/_matrix/federation/v1/invite/!r:x/$e",
+        b"/_matrix/federation/v2/invite/!r:x/$e",
+        b"/_matrix/federation/v1/event_auth/!r:x/$e",
+        b"/_matrix/federation/v1/timestamp_to_event/!r:x?dir=f&ts=1",
+        b"/_matrix/federation/v1/exchange_third_party_invite/!r:x",
+        b"/_matrix/federation/v1/user/devices/@u:x",
+        b"/_matrix/key/v2/query",
+        b"/_matrix/key/v2/query/remote.example",
+        b"/_matrix/federation/v1/hierarchy/!r:x?suggested_only=true",
+        b"/_matrix/media/v3/download/example.org/abc",
+        b"/_matrix/media/r0/thumbnail/example.org/abc?width=32",
+        b"/_matrix/media/v3/config",
+        b"/_matrix/client/v1/media/download/example.org/abc",
+        b"/_matrix/federation/v1/media/download/abc",
+        # Near misses: rest.
+        b"/_matrix/federation/v1/send",
+        b"/_matrix/federation/v2/send/1",
+        b"/_matrix/federation/v1/sendx/1",
+        b"/_matrix/federation/v1/versionx",
+        b"/_matrix/federation/v1/version/",
+        b"/_matrix/federation/v3/state/!r:x",
+        b"/_matrix/federation/v2/make_join/!r:x/@u:y",
+        b"/_matrix/federation/v1/user/keys/query",
+        b"/_matrix/key/v2/server",
+        b"/_matrix/media",
+        b"/_matrix/client/v3/media/config",
+        b"/_matrix/client/v1/media",
+        b"/_matrix/federation/v2/media/download/abc",
+        b"/_synapse/admin/v1/media/example.org/abc",
+        b"/_synapse/admin/v1/purge_media_cache",
+    ):
+        cases.append(Case("GET", path, XMATRIX[0]))
+    return cases
+
+
+def _rest_cases() -> list[Case]:
+    alice = f"Bearer {ALICE}".encode()
+    return [
+        Case(method, path, alice)
+        for method, path in (
+            ("GET", b"/"),
+            ("GET", b"/_matrix/client/versions"),
+            ("OPTIONS", b"/_matrix/client/v3/sync"),
+            ("GET", b"/_matrix/client/v3/profile/@alice:example.org"),
+            ("POST", b"/_matrix/client/v3/keys/query"),
+            ("GET", b"/_synapse/admin/v2/users/@alice:example.org"),
+            ("GET", b"/_matrix/client/v3/login/sso/redirect?redirectUrl=x"),
+            ("GET", b"/_synapse/client/pick_idp"),
+            ("PUT", b"/_matrix/client/v3/sendToDevice/m.x/1"),
+            ("GET", b"/health?access_token=" + ALICE.encode()),
+        )
+    ]
+
+
+def edge_cases() -> list[Case]:
+    return _sync_cases() + _room_cases() + _federation_cases() + _rest_cases()
+
+
+_CASES: list[Case] = []
+
+
+def shared_cases() -> list[Case]:
+    """The request set both parity tests use (built once)."""
+    if not _CASES:
+        _CASES.extend(generated_cases() + edge_cases())
+    return _CASES
+
+
+# -- parity ---------------------------------------------------------------------------------
+
+
+def assert_parity(
+    proxy: Proxy,
+    frontend: str,
+    policy: CompiledPolicy,
+    rules: dict[str, set[str]],
+    rest_class: str,
+    cases: Sequence[Case],
+) -> Counter[str]:
+    """Lua and Python agree on every request of a fallback family; rest is rest.
+
+    Returns how many requests each family compared.
+    """
+    counts: Counter[str] = Counter()
+    mismatches: list[tuple[Case, Answer, Decision]] = []
+    for case in cases:
+        answer = proxy.send(frontend, case)
+        decision = policy.decide(case.request())
+        assert answer.via == "fallback", (case, answer)
+        assert answer.policy == "fallback", (case, answer)
+        counts[answer.family] += 1
+        if answer.family == "rest":
+            assert (answer.backend, answer.key) == (rest_class, ""), (case, answer)
+            # Only what the fallback leaves to rest on purpose: other rules,
+            # and the admin API paths of the media rule.
+            covered = set().union(*rules.values()) - {"default"}
+            if decision.rule in covered:
+                assert decision.rule == "media", (case, decision)
+                assert case.target.startswith(b"/_synapse/admin/"), (case, decision)
+            continue
+        assert answer.family in FAMILIES, (case, answer)
+        assert decision.rule in rules[answer.family], (case, answer, decision)
+        if (answer.backend, answer.key or None) != (decision.worker_class, decision.key):
+            mismatches.append((case, answer, decision))
+    assert not mismatches, "\n".join(
+        f"{case}: lua {answer.backend} {answer.key or '-'}, "
+        f"python {decision.worker_class} {decision.key or '-'} ({decision.key_kind})"
+        for case, answer, decision in mismatches[:20]
+    )
+    for family in FAMILIES:
+        assert counts[family] >= MIN_PER_FAMILY, counts
+    return counts
+
+
+def test_fallback_gives_the_agents_class_and_key_for_synapse_workers(proxy: Proxy) -> None:
+    policy = load_policy(str(ROOT / "policies" / "synapse-workers.yaml"))
+    counts = assert_parity(proxy, "workers", policy, WORKER_RULES, "main", shared_cases())
+    print("compared per family (synapse-workers):", dict(sorted(counts.items())))
+
+
+def test_fallback_gives_the_agents_class_and_key_for_the_simple_policy(proxy: Proxy) -> None:
+    policy = load_policy(str(ROOT / "policies" / "simple.yaml"))
+    counts = assert_parity(proxy, "simple", policy, SIMPLE_RULES, "generic", shared_cases())
+    print("compared per family (simple):", dict(sorted(counts.items())))
+
+
+def test_every_key_kind_falls_back_like_the_agent(proxy: Proxy) -> None:
+    """Keys that were found, and each documented fallback, in both implementations."""
+    policy = load_policy(str(ROOT / "policies" / "synapse-workers.yaml"))
+    alice = f"Bearer {ALICE}".encode()
+    expectations = (
+        (Case("GET", b"/_matrix/client/v3/sync?since=1", alice), "user"),
+        (Case("GET", b"/_matrix/client/v3/sync?since=1", b"Bearer mat_x"), "token"),
+        (Case("GET", b"/_matrix/client/v3/sync?since=1"), "none"),
+        (Case("PUT", b"/_matrix/federation/v1/send/1", XMATRIX[0]), "origin"),
+        (Case("PUT", b"/_matrix/federation/v1/send/1", b"X-Matrix key=k", SOURCES[3]), "src"),
+        (Case("GET", b"/_matrix/federation/v1/version?a=b"), "uri"),
+        (Case("PUT", b"/_matrix/client/v3/rooms/%21a%3Ax/send/m/1"), "room"),
+        (Case("POST", b"/_matrix/client/v3/join/"), "none"),
+        (Case("GET", b"/_matrix/media/v3/config", alice), "none"),
+    )
+    for case, kind in expectations:
+        answer = proxy.send("workers", case)
+        decision = policy.decide(case.request())
+        assert decision.key_kind == kind, (case, decision)
+        assert answer.key == (decision.key or ""), (case, answer, decision)
+        if kind == "src":
+            assert decision.key_source == SOURCES[3]
+
+
+# -- hashing ----------------------------------------------------------------------------------
+
+
+def _percent_encode(data: bytes) -> bytes:
+    return b"".join(b"%%%02X" % byte for byte in data)
+
+
+#: Published MurmurHash3_x86_32 results: (data, seed, hash).
+KNOWN_VECTORS = (
+    (b"\x00\x00\x00\x00", 0, 0x2362F9DE),
+    (b"abc", 0, 0xB3DD93FA),
+    (b"a", 0x9747B28C, 0x7FA09EA6),
+    (b"ab", 0x9747B28C, 0x74875592),
+    (b"aaa", 0x9747B28C, 0x283E0130),
+    (b"aaaa", 0x9747B28C, 0x5A97808A),
+    (b"abcd", 0x9747B28C, 0xF0478627),
+    (b"Hello, world!", 1234, 0xFAF6CDB3),
+    (b"The quick brown fox jumps over the lazy dog", 0x9747B28C, 0x2FA826CD),
+)
+
+
+def test_murmur3_matches_known_vectors_through_haproxy(proxy: Proxy) -> None:
+    for data, seed, expected in KNOWN_VECTORS:
+        assert mmh3.hash(data, seed, signed=False) == expected
+        # A room key is the percent-decoded segment after /join/: any bytes.
+        case = Case("POST", b"/_matrix/client/v3/join/" + _percent_encode(data))
+        answer = proxy.send(f"seed{seed}", case)
+        assert answer.key == f"{expected:08x}", (data, seed, answer)
+
+
+def test_murmur3_matches_mmh3_for_every_tail_length_and_seed(proxy: Proxy) -> None:
+    samples = [b"abcdefghijklmnopqrstu"[:n] for n in range(1, 22)]
+    samples += [b"\xff" * n for n in range(1, 9)]  # tail bytes with the high bit set
+    samples += [b"\x80\x81\x82\x83\x84\x85\x86", b"\x00", b"\x00" * 5, bytes(range(256))]
+    samples += [b"x" * 1000, b"!room:example.org", "é€😀".encode()]
+    for seed in SEEDS:
+        for data in samples:
+            case = Case("POST", b"/_matrix/client/v3/join/" + _percent_encode(data))
+            expected = int(mmh3.hash(data, seed, signed=False))
+            answer = proxy.send(f"seed{seed}", case)
+            assert answer.key == f"{expected:08x}", (data, seed, answer)
+        # uri keys: the raw path and query, lengths around block boundaries.
+        for extra in range(8):
+            target = b"/_matrix/federation/v1/event/" + b"e" * extra + b"?q=" + b"%41" * extra
+            answer = proxy.send(f"seed{seed}", Case("GET", target))
+            expected = int(mmh3.hash(target, seed, signed=False))
+            assert answer.key == f"{expected:08x}", (target, seed, answer)
+
+
+# -- malformed arguments ---------------------------------------------------------------------
+
+
+def _warnings(proxy: Proxy, text: str) -> int:
+    return proxy.haproxy.log().count(text)
+
+
+def test_malformed_arguments_route_their_families_as_rest_without_a_key(proxy: Proxy) -> None:
+    alice = f"Bearer {ALICE}".encode()
+    keyless = (
+        Case("GET", b"/_matrix/client/v3/sync?since=1", alice),  # no key kind
+        Case("GET", b"/_matrix/client/v3/sync", alice),  # empty class
+        Case("PUT", b"/_matrix/federation/v1/send/1", XMATRIX[0]),  # unknown key kind
+        Case("GET", b"/_matrix/federation/v1/version"),  # a third field
+        Case("GET", b"/_matrix/media/v3/config"),  # missing family
+        Case("GET", b"/_matrix/client/versions"),
+    )
+    for _ in range(3):
+        for case in keyless:
+            answer = proxy.send("bad", case)
+            assert answer == Answer("main", "", "fallback_rest", "fallback", "fallback"), case
+        # A well-formed family still works; the bad seed is taken as 0.
+        room = Case("PUT", b"/_matrix/client/v3/rooms/%21a%3Ax/send/m/1", alice)
+        answer = proxy.send("bad", room)
+        expected = int(mmh3.hash(b"!a:x", 0, signed=False))
+        assert (answer.backend, answer.key) == ("event_creator", f"{expected:08x}")
+    # Each problem is logged, once.
+    warnings = (
+        'family sync: expected class:keykind in "synchrotron"',
+        'family initial_sync: bad class name in ":user"',
+        'family federation_inbound: unknown key kind in "federation_inbound:bogus"',
+        'family federation_reader: expected class:keykind in "federation_reader:uri:extra"',
+        'unknown family "bogus"',
+        "no argument for family media",
+        'seed "abc" is not within 0..4294967295',
+    )
+    wait_until(
+        lambda: all(_warnings(proxy, text) for text in warnings), 5, "the warnings in the log"
+    )
+    for text in warnings:
+        assert _warnings(proxy, text) == 1, (text, proxy.haproxy.log())
+
+
+def test_a_malformed_rest_argument_leaves_the_request_to_the_default_backend(
+    proxy: Proxy,
+) -> None:
+    alice = f"Bearer {ALICE}".encode()
+    for case in (
+        Case("GET", b"/_matrix/client/versions", alice),
+        Case("GET", b"/_matrix/client/v3/initialSync", alice),  # its argument has spaces
+    ):
+        answer = proxy.send("norest", case)
+        assert answer == Answer("", "", "fallback_rest", "fallback", "fallback"), case
+    answer = proxy.send("norest", Case("GET", b"/_matrix/media/v3/config", alice))
+    assert answer == Answer("m", "", "fallback_media", "fallback", "fallback")
+    answer = proxy.send("norest", Case("GET", b"/_matrix/client/v3/sync?since=1", alice))
+    expected = int(mmh3.hash(b"alice", 0, signed=False))  # seed out of range: 0
+    assert answer == Answer(
+        "synchrotron", f"{expected:08x}", "fallback_sync", "fallback", "fallback"
+    )
+
+
+def test_arguments_that_are_not_name_value_pairs_do_not_break_requests(proxy: Proxy) -> None:
+    alice = f"Bearer {ALICE}".encode()
+    answer = proxy.send("junk", Case("GET", b"/_matrix/client/v3/sync?since=1", alice))
+    assert answer == Answer("main", "", "fallback_rest", "fallback", "fallback")
+    answer = proxy.send("junk", Case("PUT", b"/_matrix/client/v3/rooms/!a:x/send/m/1", alice))
+    expected = int(mmh3.hash(b"!a:x", 0, signed=False))
+    assert (answer.backend, answer.key, answer.rule) == (
+        "e",
+        f"{expected:08x}",
+        "fallback_event_sending",
+    )
+    answer = proxy.send("junk", Case("GET", b"/_matrix/media/v3/config", alice))
+    assert answer == Answer("m", "", "fallback_media", "fallback", "fallback")
+
+
+# -- internal errors ---------------------------------------------------------------------------
+
+
+def test_an_internal_error_leaves_only_via_fallback_error(proxy: Proxy) -> None:
+    alice = f"Bearer {ALICE}".encode()
+    for case in (
+        Case("GET", b"/_matrix/client/v3/sync?since=1", alice),
+        Case("PUT", b"/_matrix/client/v3/rooms/%21a%3Ax/send/m/1", alice),
+        Case("GET", b"/_matrix/client/versions"),
+    ):
+        # The class, key and rule set before the failure are taken back.
+        answer = proxy.send("failing", case)
+        assert answer == Answer("", "", "", "fallback-error", ""), case
+    wait_until(lambda: "on purpose" in proxy.haproxy.log(), 5, "the internal error in the log")
+
+
+def test_ipv4_clients_of_a_dual_stack_listener_get_the_agents_src_key(
+    tmp_path: Path,
+) -> None:
+    """HAProxy writes them ::ffff:a.b.c.d; both sides key them as a.b.c.d."""
+    port = free_port()
+    config = CONFIG.format(
+        shim=tmp_path / "none.lua",
+        lua=LUA,
+        frontends=FRONTEND.format(
+            name="dual",
+            port=port,
+            action="matrix_fallback",
+            args=reference_arguments()["synapse-workers"],
+            answer=ANSWER,
+        ).replace(f"bind 127.0.0.1:{port}", f"bind :::{port} v4v6"),
+    )
+    (tmp_path / "none.lua").write_text("-- nothing\n")
+    haproxy = HAProxy(tmp_path, config)
+    haproxy.start(port)
+    client = Client()
+    try:
+        case = Case("PUT", b"/_matrix/federation/v1/send/1", b"X-Matrix key=k", SOURCES[2])
+        answer = client.send(port, case)
+    finally:
+        client.close()
+        haproxy.stop()
+    policy = load_policy(str(ROOT / "policies" / "synapse-workers.yaml"))
+    mapped = IPv6Address(f"::ffff:{SOURCES[2]}")
+    for src in (mapped, f"::ffff:{SOURCES[2]}", SOURCES[2]):
+        decision = policy.decide(case.request()._replace(src=src))
+        assert (decision.key_kind, decision.key_source) == ("src", SOURCES[2])
+        assert answer.key == decision.key

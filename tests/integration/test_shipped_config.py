@@ -1,0 +1,197 @@
+"""The shipped haproxy/haproxy.cfg itself, with the agent, demo workers and DNS.
+
+Nothing here is a test-only copy of the configuration: HAProxy runs the file
+in haproxy/ with its environment variables pointing at loopback, finds the
+demo workers through DNS SRV records, asks the agent, and falls back to the
+Lua action when the agent is gone.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from spoa.demo.client import Outcome
+from spoa.traffic import Deployment, TrafficRequest, generate
+from tests.integration.stack_runner import StackRunner, log_fields, running_stack
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+SYNAPSE = ROOT / "policies" / "synapse-workers.yaml"
+SIMPLE = ROOT / "policies" / "simple.yaml"
+TOKEN = "syt_YWxpY2U_abcdefghijklmnopqrst_1a2b3c"
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+XMATRIX = {"Authorization": 'X-Matrix origin="remote.example",key="ed25519:a",sig="c2ln"'}
+
+
+def req(method: str, target: str, headers: dict[str, str] | None = None) -> TrafficRequest:
+    path, _, query = target.partition("?")
+    return TrafficRequest("sample", method, path, query or None, headers or dict(BEARER))
+
+
+# One request the synapse-workers policy sends to each of its classes.
+SYNAPSE_SAMPLES = {
+    "main": req("POST", "/_matrix/client/v3/logout"),
+    "synchrotron": req("GET", "/_matrix/client/v3/sync?since=s1_2"),
+    "initial_sync": req("GET", "/_matrix/client/v3/sync?timeout=0"),
+    "client_reader": req("POST", "/_matrix/client/v3/keys/query"),
+    "event_creator": req("PUT", "/_matrix/client/v3/rooms/%21r%3Ax/send/m.room.message/t1"),
+    "federation_reader": req("GET", "/_matrix/federation/v1/state_ids/!r:x?event_id=%24e", XMATRIX),
+    "federation_inbound": req("PUT", "/_matrix/federation/v1/send/17", XMATRIX),
+    "media_repository": req("GET", "/_matrix/client/v1/media/download/example.org/abc"),
+    "user_dir": req("POST", "/_matrix/client/v3/user_directory/search"),
+    "typing": req("PUT", "/_matrix/client/v3/rooms/!r:x/typing/@alice:x"),
+    "to_device": req("PUT", "/_matrix/client/v3/sendToDevice/m.room_key_request/t2"),
+    "account_data": req("PUT", "/_matrix/client/v3/user/@alice:x/account_data/m.direct"),
+    "receipts": req("POST", "/_matrix/client/v3/rooms/!r:x/receipt/m.read/%24e"),
+    "presence": req("PUT", "/_matrix/client/v3/presence/@alice:x/status"),
+    "push_rules": req("GET", "/_matrix/client/v3/pushrules/"),
+    "device_lists": req("GET", "/_matrix/client/v3/devices"),
+}
+SIMPLE_SAMPLES = {
+    "sync": req("GET", "/_matrix/client/v3/sync?since=s1_2"),
+    "generic": req("PUT", "/_matrix/client/v3/rooms/!r:x/send/m.room.message/t1"),
+    "main": req("GET", "/_synapse/client/pick_idp"),
+}
+
+
+@pytest.fixture(scope="module")
+def synapse_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackRunner]:
+    with running_stack(tmp_path_factory.mktemp("synapse"), SYNAPSE) as runner:
+        yield runner
+
+
+def sent(runner: StackRunner, request: TrafficRequest) -> tuple[Outcome, dict[str, str]]:
+    """Send one request; return its outcome and HAProxy's log line for it."""
+    before = len(runner.log())
+    outcome = runner.send(request)
+    deadline = time.monotonic() + 5
+    while not (lines := runner.log_lines(before)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lines, "HAProxy logged nothing for the request"
+    return outcome, log_fields(lines[-1])
+
+
+def test_every_class_of_synapse_workers_reaches_its_backend(synapse_stack: StackRunner) -> None:
+    assert set(SYNAPSE_SAMPLES) == set(synapse_stack.stack.classes)
+    for worker_class, request in SYNAPSE_SAMPLES.items():
+        outcome, fields = sent(synapse_stack, request)
+        assert outcome.status == 200, (worker_class, outcome)
+        assert outcome.worker_class == worker_class, (request.target, outcome)
+        assert fields["via"] == "agent"
+        assert fields["class"] == worker_class
+        assert fields["backend_server"].startswith(f"be_{worker_class}/")
+
+
+def test_every_class_of_simple_reaches_its_backend(tmp_path: Path) -> None:
+    with running_stack(tmp_path, SIMPLE) as runner:
+        for worker_class, request in SIMPLE_SAMPLES.items():
+            outcome, fields = sent(runner, request)
+            assert (outcome.status, outcome.worker_class) == (200, worker_class), request
+            assert fields["via"] == "agent"
+        # The fallback configured for this policy keeps the same classes.
+        runner.kill_agent()
+        runner.wait_agent("DOWN")
+        for worker_class, request in SIMPLE_SAMPLES.items():
+            if worker_class == "main":
+                continue  # SSO is a policy rule the fallback does not know
+            outcome, fields = sent(runner, request)
+            assert (outcome.status, outcome.worker_class) == (200, worker_class), request
+            assert fields["via"] == "fallback"
+
+
+def test_replication_paths_are_refused_from_outside(synapse_stack: StackRunner) -> None:
+    outcome = synapse_stack.send(req("POST", "/_synapse/replication/send_event/x"))
+    assert outcome.status == 404
+
+
+def test_all_workers_of_a_class_down_then_main_answers(synapse_stack: StackRunner) -> None:
+    stack = synapse_stack.stack
+    request = SYNAPSE_SAMPLES["event_creator"]
+    assert synapse_stack.send(request).worker_class == "event_creator"
+    synapse_stack.call(stack.stop_class("event_creator"))
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            outcome = synapse_stack.send(request)
+            if outcome.worker_class == "main":
+                break
+            assert time.monotonic() < deadline, "main never took over"
+            time.sleep(0.1)
+        assert outcome.status == 200
+        assert outcome.worker == "main-1"
+    finally:
+        synapse_stack.call(stack.start_class("event_creator"))
+        synapse_stack.call(stack.wait_ready(20))
+    assert synapse_stack.send(request).worker_class == "event_creator"
+
+
+def test_agent_killed_mid_traffic_then_fallback_keeps_classes_and_servers_then_agent_returns(
+    synapse_stack: StackRunner,
+) -> None:
+    runner = synapse_stack
+    traffic = list(generate(400, Deployment(users=60, rooms=20, remotes=10, seed=7)))
+
+    # With the agent: where each request lands (one at a time, so bounded-load
+    # hashing never spills and a key's server is the hash's choice).
+    with_agent = []
+    for request in traffic:
+        outcome, fields = sent(runner, request)
+        assert outcome.status == 200 and fields["via"] == "agent"
+        with_agent.append(outcome)
+
+    # Kill the agent while requests flow: every one of them is answered.
+    failures: list[Outcome] = []
+    answered = 0
+    stop = threading.Event()
+
+    def keep_sending() -> None:
+        nonlocal answered
+        i = 0
+        while not stop.is_set():
+            outcome = runner.send(traffic[i % len(traffic)])
+            answered += 1
+            if outcome.status != 200:
+                failures.append(outcome)
+            i += 1
+
+    sender = threading.Thread(target=keep_sending)
+    sender.start()
+    time.sleep(0.5)
+    runner.kill_agent()
+    runner.wait_agent("DOWN")
+    time.sleep(0.5)
+    stop.set()
+    sender.join()
+    assert answered > 50
+    assert failures == []
+
+    # Without the agent: the fallback decides, with the agent's class and
+    # server for every family it covers.
+    covered = 0
+    for request, before in zip(traffic, with_agent, strict=True):
+        outcome, fields = sent(runner, request)
+        assert outcome.status == 200
+        assert fields["via"] == "fallback"
+        if fields["rule"] == "fallback_rest":
+            assert outcome.worker_class == "main"
+            continue
+        covered += 1
+        assert (outcome.worker_class, outcome.worker) == (before.worker_class, before.worker), (
+            request.kind,
+            request.target,
+            fields,
+        )
+    assert covered > len(traffic) // 2
+
+    # The agent comes back: decisions are the agent's again.
+    runner.stack.start_agent()
+    runner.wait_agent("UP")
+    outcome, fields = sent(runner, SYNAPSE_SAMPLES["client_reader"])
+    assert fields["via"] == "agent"
+    assert outcome.worker_class == "client_reader"
