@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Set-up and entry points for matrix-spoa on Debian or Ubuntu.
 #
-#   ./dev.sh run     start the agent on 127.0.0.1:12345 with policies/synapse-workers.yaml
+#   ./dev.sh run     HAProxy, the agent and demo workers on this machine, a burst
+#                    of Matrix traffic, then up until Ctrl-C (spoa demo)
 #   ./dev.sh test    lint, type-check and run every test (installs what it needs)
 #   ./dev.sh bench   run the benchmarks
 #
-# Installs HAProxy from the distribution when it is missing (as root, or with
-# sudo), and the Python dependencies into .venv.
+# Installs what is missing from the distribution (HAProxy; Chromium for the
+# tests), as root or with sudo, and the Python dependencies into .venv.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -46,6 +47,13 @@ ensure_haproxy() {
     fi
 }
 
+ensure_chromium() {
+    if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+        say "installing Chromium from the distribution (for the status page test)"
+        apt_install chromium || { say "could not install chromium"; exit 1; }
+    fi
+}
+
 ensure_venv() {
     if ! python3 -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null; then
         say "Python 3.11 or newer is required (python3 is $(python3 --version 2>&1))"
@@ -63,8 +71,13 @@ ensure_venv() {
     want=$(sha256sum pyproject.toml | cut -d' ' -f1)
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
         say "installing Python dependencies into $VENV"
-        "$PY" -m pip install -q --disable-pip-version-check --upgrade pip
-        "$PY" -m pip install -q --disable-pip-version-check -e '.[dev]'
+        if ! { "$PY" -m pip install -q --disable-pip-version-check --upgrade pip &&
+               "$PY" -m pip install -q --disable-pip-version-check -e '.[dev]'; } \
+                > "$VENV/pip.log" 2>&1; then
+            cat "$VENV/pip.log" >&2
+            say "pip install failed (log above and in $VENV/pip.log)"
+            exit 1
+        fi
         echo "$want" > "$stamp"
     fi
 }
@@ -73,11 +86,13 @@ cmd=${1:-help}
 shift || true
 case "$cmd" in
     run)
+        ensure_haproxy
         ensure_venv
-        exec "$VENV/bin/spoa" serve --policy policies/synapse-workers.yaml "$@"
+        exec "$VENV/bin/spoa" demo "$@"
         ;;
     test)
         ensure_haproxy
+        ensure_chromium
         ensure_venv
         say "ruff"
         "$VENV/bin/ruff" check spoa tests bench
@@ -93,9 +108,10 @@ case "$cmd" in
         "$PY" bench/spop_load.py --rate 75000 "$@"
         "$PY" bench/spop_load.py --policy policies/synapse-workers.yaml "$@"
         "$PY" bench/decide.py
+        "$PY" bench/handler.py
         ;;
     *)
-        sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
         [ "$cmd" = help ] || exit 2
         ;;
 esac

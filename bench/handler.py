@@ -35,8 +35,22 @@ def main() -> int:
 
     holder = PolicyHolder(args.policy)
     events = [
-        Notify(i, 1, [Message("route", {"method": t.method, "path": t.path, "query": t.query,
-                                        "auth": t.auth, "src": ip_address(t.src)})])
+        Notify(
+            i,
+            1,
+            [
+                Message(
+                    "route",
+                    {
+                        "method": t.method,
+                        "path": t.path,
+                        "query": t.query,
+                        "auth": t.auth,
+                        "src": ip_address(t.src),
+                    },
+                )
+            ],
+        )
         for i, t in enumerate(generate(args.requests, Deployment(users=5000, rooms=2000)))
     ]
     counted = RouteHandler(holder, count=True)

@@ -136,8 +136,10 @@ class AgentCollector(Collector):
             "Connections closed for a protocol error, by SPOE status.",
             labels=["status"],
         )
-        for status, count in sorted(s.protocol_errors.items()):
-            errors.add_metric([_STATUS_NAMES.get(status, str(status))], count)
+        # Every status, zeros included, so the series exist before the first error.
+        counts = dict(s.protocol_errors)
+        for status in sorted(set(_STATUS_NAMES) | set(counts)):
+            errors.add_metric([_STATUS_NAMES.get(status, str(status))], counts.get(status, 0))
         yield errors
         handler = CounterMetricFamily(
             "spoa_handler_errors",
