@@ -7,9 +7,7 @@ temporary directory, and is stopped by the test that started it.
 from __future__ import annotations
 
 import http.client
-import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,19 +20,77 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from spoa.demo.stack import haproxy_binary
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def haproxy_binary() -> str:
-    path = shutil.which("haproxy") or (
-        "/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None
+#: A test SPOE configuration: the shipped one's settings, with the processing
+#: timeout a test needs to tell "waited for the agent" from "did not".
+TEST_SPOE = """\
+[router]
+spoe-agent router
+    messages route
+    option var-prefix route
+    option set-on-error err
+    register-var-names backend key rule policy
+    no option async
+    no option send-frag-payload
+    timeout hello 500ms
+    timeout idle 30s
+    timeout processing {processing}
+    use-backend be_spoa
+
+spoe-message route
+    args method=method path=path query=query auth=req.fhdr(authorization) src=src
+    event on-frontend-http-request
+"""
+
+_TEST_CONFIG = """\
+global
+    stats socket {workdir}/admin.sock mode 600 level admin
+    log stdout format raw local0 info
+
+defaults
+    mode http
+    log global
+    option httplog
+    timeout connect 1s
+    timeout client 10s
+    timeout server 10s
+
+frontend fe_matrix
+{binds}
+    filter spoe engine router config {workdir}/spoe.conf
+    http-response set-header X-Route-Backend %[var(txn.route.backend)]
+    http-response set-header X-Route-Rule %[var(txn.route.rule)]
+    http-response set-header X-Route-Policy %[var(txn.route.policy)]
+    use_backend be_%[var(txn.route.backend)]
+    default_backend be_main
+
+{backends}
+
+backend be_spoa
+    mode tcp
+    option spop-check
+    timeout connect 500ms
+    timeout server 1m
+    server agent 127.0.0.1:{agent_port} check inter 200ms fall 2 rise 1
+"""
+
+
+def routing_config(
+    workdir: Path,
+    port: int,
+    agent_port: int,
+    backends: str,
+    addresses: Sequence[str] = ("127.0.0.1",),
+) -> str:
+    """A test HAProxy: SPOE filter, dynamic use_backend, route variables as headers."""
+    binds = "\n".join(f"    bind {address}:{port}" for address in addresses)
+    return _TEST_CONFIG.format(
+        workdir=workdir, binds=binds, backends=backends, agent_port=agent_port
     )
-    if path is None:
-        raise RuntimeError(
-            "haproxy is not installed: the integration tests need Debian's haproxy package "
-            "(the README's test command installs it)"
-        )
-    return path
 
 
 def free_port() -> int:

@@ -18,10 +18,12 @@ from pathlib import Path
 import pytest
 
 from tests.integration.harness import (
+    TEST_SPOE,
     AgentProcess,
     HAProxy,
     free_port,
     http_backends,
+    routing_config,
     wait_until,
 )
 
@@ -38,56 +40,6 @@ CLASSES = {
     "federation_reader": 2,
     "media_repository": 1,
 }
-
-SPOE = """\
-[router]
-spoe-agent router
-    messages route
-    option var-prefix route
-    register-var-names backend key rule policy
-    no option async
-    no option send-frag-payload
-    timeout hello 500ms
-    timeout idle 30s
-    timeout processing 500ms
-    use-backend be_spoa
-
-spoe-message route
-    args method=method path=path query=query auth=req.fhdr(authorization) src=src
-    event on-frontend-http-request
-"""
-
-CONFIG = """\
-global
-    stats socket {workdir}/admin.sock mode 600 level admin
-
-defaults
-    mode http
-    timeout connect 1s
-    timeout client 10s
-    timeout server 10s
-
-frontend fe_matrix
-    bind 127.0.0.1:{port}
-    bind 127.0.0.2:{port}
-    bind 127.0.0.3:{port}
-    bind 127.0.0.4:{port}
-    filter spoe engine router config {workdir}/spoe.conf
-    http-response set-header X-Route-Backend %[var(txn.route.backend)]
-    http-response set-header X-Route-Rule %[var(txn.route.rule)]
-    http-response set-header X-Route-Policy %[var(txn.route.policy)]
-    use_backend be_%[var(txn.route.backend)]
-    default_backend be_main
-
-{backends}
-
-backend be_spoa
-    mode tcp
-    option spop-check
-    timeout connect 500ms
-    timeout server 1m
-    server agent 127.0.0.1:{agent_port} check inter 200ms fall 2 rise 1
-"""
 
 
 @dataclass
@@ -163,10 +115,14 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
             )
         haproxy = HAProxy(
             tmp_path,
-            CONFIG.format(
-                workdir=tmp_path, port=port, backends="\n".join(sections), agent_port=agent.port
+            routing_config(
+                tmp_path,
+                port,
+                agent.port,
+                "\n".join(sections),
+                addresses=("127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"),
             ),
-            SPOE,
+            TEST_SPOE.format(processing="500ms"),
         )
         try:
             haproxy.start(port)

@@ -15,67 +15,19 @@ from pathlib import Path
 import pytest
 
 from tests.integration.harness import (
+    TEST_SPOE,
     AgentProcess,
     HAProxy,
     free_port,
     http_backends,
     http_request,
+    routing_config,
     wait_until,
 )
 
 pytestmark = pytest.mark.integration
 
 CLASSES = ("main", "sync", "media", "generic")
-
-SPOE = """\
-[router]
-spoe-agent router
-    messages route
-    option var-prefix route
-    option set-on-error err
-    register-var-names backend key rule policy
-    no option async
-    no option send-frag-payload
-    timeout hello 500ms
-    timeout idle 30s
-    timeout processing {processing}
-    use-backend be_spoa
-
-spoe-message route
-    args method=method path=path query=query auth=req.fhdr(authorization) src=src
-    event on-frontend-http-request
-"""
-
-CONFIG = """\
-global
-    stats socket {workdir}/admin.sock mode 600 level admin
-    log stdout format raw local0 info
-
-defaults
-    mode http
-    log global
-    option httplog
-    timeout connect 1s
-    timeout client 10s
-    timeout server 10s
-
-frontend fe_matrix
-    bind 127.0.0.1:{port}
-    filter spoe engine router config {workdir}/spoe.conf
-    http-response set-header X-Route-Backend %[var(txn.route.backend)]
-    http-response set-header X-Route-Rule %[var(txn.route.rule)]
-    use_backend be_%[var(txn.route.backend)]
-    default_backend be_main
-
-{backends}
-
-backend be_spoa
-    mode tcp
-    option spop-check
-    timeout connect 500ms
-    timeout server 1m
-    server agent 127.0.0.1:{agent_port} check inter 200ms fall 2 rise 1
-"""
 
 
 @dataclass
@@ -110,10 +62,8 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         )
         haproxy = HAProxy(
             tmp_path,
-            CONFIG.format(
-                workdir=tmp_path, port=port, backends=backend_text, agent_port=agent.port
-            ),
-            SPOE.format(processing="1s"),
+            routing_config(tmp_path, port, agent.port, backend_text),
+            TEST_SPOE.format(processing="1s"),
         )
         try:
             haproxy.start(port)
