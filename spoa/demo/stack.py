@@ -74,8 +74,13 @@ def env_name(worker_class: str) -> str:
 
 
 @dataclass
-class DemoStack:
-    """HAProxy + agent + workers + DNS; every port on 127.0.0.1, chosen at run time."""
+class Router:
+    """HAProxy (the shipped configuration), the agent and a DNS zone for the workers.
+
+    Whoever runs workers publishes them with :meth:`publish`; every port is on
+    127.0.0.1. :class:`DemoStack` adds demo workers; the end-to-end tests add
+    real Synapse processes.
+    """
 
     workdir: Path
     policy: Path
@@ -84,54 +89,30 @@ class DemoStack:
     agent_port: int = 12345
     #: The agent's HTTP endpoint (metrics, status page); port 0 picks one.
     agent_http: str = "127.0.0.1:9090"
-    counts: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_COUNTS))
     check_inter: str = "1s"
     poll_interval: float = 1.0
     haproxy_dir: Path = REPO / "haproxy"
     lua_dir: Path = REPO / "lua"
+    #: HOST:PORT of the main process.
+    main_address: str = ""
     zone: Zone = field(default_factory=Zone)
-    workers: dict[str, list[DemoWorker]] = field(default_factory=dict)
-    main: DemoWorker | None = None
     agent: subprocess.Popen[bytes] | None = None
     haproxy: subprocess.Popen[bytes] | None = None
     classes: tuple[str, ...] = ()
     _dns: asyncio.DatagramTransport | None = None
     dns_port: int = 0
 
-    # -- start and stop ----------------------------------------------------------
-
-    async def start(self) -> None:
+    async def start_dns(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        binary = haproxy_binary()
         self.classes = load_policy(str(self.policy)).classes
         self._dns, self.dns_port = await serve_dns(self.zone)
-        self.main = await DemoWorker(WorkerSpec("main-1", "main", "127.0.0.1", 0)).start()
-        for worker_class in self.classes:
-            if worker_class != "main":
-                await self.start_class(worker_class)
-        self.start_agent()
-        self._start_haproxy(binary)
 
-    async def start_class(self, worker_class: str) -> list[DemoWorker]:
-        """Start (again) a class's workers on their previous ports, or new ones."""
-        previous = self.workers.get(worker_class, [])
-        count = self.counts.get(worker_class, 1)
-        workers = []
-        for n in range(1, count + 1):
-            port = previous[n - 1].port if len(previous) >= n else 0
-            spec = WorkerSpec(f"{worker_class}-{n}", worker_class, "127.0.0.1", port)
-            workers.append(await DemoWorker(spec).start())
-        self.workers[worker_class] = workers
+    def publish(self, worker_class: str, endpoints: list[tuple[str, int]]) -> None:
+        """Publish a class's workers, ``(name, port)`` on 127.0.0.1, as SRV records."""
         self.zone.set_service(
             service_name(worker_class),
-            [(f"{w.spec.name.replace('_', '-')}.{ZONE}", "127.0.0.1", w.port) for w in workers],
+            [(f"{name.replace('_', '-')}.{ZONE}", "127.0.0.1", port) for name, port in endpoints],
         )
-        return workers
-
-    async def stop_class(self, worker_class: str) -> None:
-        """Stop a class's workers; their DNS records stay, as with crashed pods."""
-        for worker in self.workers.get(worker_class, []):
-            await worker.stop()
 
     def start_agent(self) -> None:
         log = (self.workdir / "agent.log").open("ab")
@@ -146,8 +127,9 @@ class DemoStack:
             f"127.0.0.1:{self.agent_port}",
             "--poll-interval",
             str(self.poll_interval),
+            "--http",
+            self.agent_http,
         ]
-        command += ["--http", self.agent_http]
         self.agent = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         log.close()
 
@@ -161,7 +143,6 @@ class DemoStack:
                 self.agent.wait()
 
     def haproxy_env(self) -> dict[str, str]:
-        assert self.main is not None
         env = dict(os.environ)
         env.update(
             SPOA_BIND=f"127.0.0.1:{self.port}",
@@ -171,7 +152,7 @@ class DemoStack:
             SPOA_LUA_DIR=str(self.lua_dir),
             SPOA_DNS=f"127.0.0.1:{self.dns_port}",
             SPOA_CHECK_INTER=self.check_inter,
-            SYNAPSE_MAIN=f"127.0.0.1:{self.main.port}",
+            SYNAPSE_MAIN=self.main_address,
         )
         if "generic" in self.classes:
             env["SPOA_FALLBACK"] = "simple"
@@ -180,7 +161,8 @@ class DemoStack:
                 env[env_name(worker_class)] = service_name(worker_class)
         return env
 
-    def _start_haproxy(self, binary: str) -> None:
+    def start_haproxy(self) -> None:
+        binary = haproxy_binary()
         config = str(self.haproxy_dir / "haproxy.cfg")
         check = subprocess.run(
             [binary, "-c", "-q", "-f", config],
@@ -201,7 +183,7 @@ class DemoStack:
         )
         log.close()
 
-    async def stop(self) -> None:
+    def stop_router(self) -> None:
         if self.haproxy is not None and self.haproxy.poll() is None:
             self.haproxy.terminate()
             try:
@@ -209,12 +191,9 @@ class DemoStack:
             except subprocess.TimeoutExpired:
                 self.haproxy.kill()
         self.stop_agent()
-        for worker_class in list(self.workers):
-            await self.stop_class(worker_class)
-        if self.main is not None:
-            await self.main.stop()
         if self._dns is not None:
             self._dns.close()
+            self._dns = None
 
     # -- state ---------------------------------------------------------------------
 
@@ -228,8 +207,8 @@ class DemoStack:
     def server_states(self) -> dict[tuple[str, str], str]:
         return {(row["pxname"], row["svname"]): row["status"] for row in self.stats()}
 
-    def ready(self) -> bool:
-        """Every worker UP in its backend, main UP, the agent UP."""
+    def up(self, expected: Mapping[str, int]) -> bool:
+        """The agent and main UP, and at least ``expected[c]`` workers UP in be_<c>."""
         try:
             states = self.server_states()
         except OSError:
@@ -238,17 +217,17 @@ class DemoStack:
             return False
         if states.get(("be_main", "main")) != "UP":
             return False
-        for worker_class, workers in self.workers.items():
+        for worker_class, count in expected.items():
             up = sum(
                 1
                 for (backend, server), status in states.items()
                 if backend == f"be_{worker_class}" and server.startswith("w") and status == "UP"
             )
-            if up < len(workers):
+            if up < count:
                 return False
         return True
 
-    async def wait_ready(self, timeout: float = 30.0) -> None:
+    async def wait_up(self, expected: Mapping[str, int], timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for name, proc in (("HAProxy", self.haproxy), ("the agent", self.agent)):
@@ -256,7 +235,58 @@ class DemoStack:
                     log = self.workdir / ("haproxy.log" if name == "HAProxy" else "agent.log")
                     tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
                     raise StackError(f"{name} exited with status {proc.returncode}:\n{tail}")
-            if await asyncio.to_thread(self.ready):
+            if await asyncio.to_thread(self.up, expected):
                 return
             await asyncio.sleep(0.2)
         raise StackError(f"not ready after {timeout:.0f}s; see {self.workdir}/haproxy.log")
+
+
+@dataclass
+class DemoStack(Router):
+    """The router with demo workers for every class of the policy."""
+
+    counts: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_COUNTS))
+    workers: dict[str, list[DemoWorker]] = field(default_factory=dict)
+    main: DemoWorker | None = None
+
+    async def start(self) -> None:
+        haproxy_binary()  # fail early, with the install hint
+        await self.start_dns()
+        self.main = await DemoWorker(WorkerSpec("main-1", "main", "127.0.0.1", 0)).start()
+        self.main_address = f"127.0.0.1:{self.main.port}"
+        for worker_class in self.classes:
+            if worker_class != "main":
+                await self.start_class(worker_class)
+        self.start_agent()
+        self.start_haproxy()
+
+    async def start_class(self, worker_class: str) -> list[DemoWorker]:
+        """Start (again) a class's workers on their previous ports, or new ones."""
+        previous = self.workers.get(worker_class, [])
+        count = self.counts.get(worker_class, 1)
+        workers = []
+        for n in range(1, count + 1):
+            port = previous[n - 1].port if len(previous) >= n else 0
+            spec = WorkerSpec(f"{worker_class}-{n}", worker_class, "127.0.0.1", port)
+            workers.append(await DemoWorker(spec).start())
+        self.workers[worker_class] = workers
+        self.publish(worker_class, [(w.spec.name, w.port) for w in workers])
+        return workers
+
+    async def stop_class(self, worker_class: str) -> None:
+        """Stop a class's workers; their DNS records stay, as with crashed pods."""
+        for worker in self.workers.get(worker_class, []):
+            await worker.stop()
+
+    async def stop(self) -> None:
+        self.stop_router()
+        for worker_class in list(self.workers):
+            await self.stop_class(worker_class)
+        if self.main is not None:
+            await self.main.stop()
+
+    def ready(self) -> bool:
+        return self.up({c: len(w) for c, w in self.workers.items()})
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        await self.wait_up({c: len(w) for c, w in self.workers.items()}, timeout)
