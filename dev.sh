@@ -47,6 +47,50 @@ ensure_haproxy() {
     fi
 }
 
+# The end-to-end suite runs a real Synapse: PostgreSQL and Redis from the
+# distribution, Synapse from PyPI in its own virtual environment.
+SYNAPSE_VENV=.venv-synapse
+SYNAPSE_VERSION=1.163.2
+
+ensure_synapse() {
+    local need=()
+    [ -n "$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null)" ] || command -v initdb >/dev/null \
+        || need+=(postgresql)
+    command -v redis-server >/dev/null || need+=(redis-server)
+    command -v psql >/dev/null || need+=(postgresql-client)
+    # psycopg2 is built from source: a compiler, libpq and the Python headers.
+    command -v gcc >/dev/null || need+=(gcc)
+    command -v pg_config >/dev/null || need+=(libpq-dev)
+    python3 -c 'import os, sysconfig, sys
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+        || need+=(python3-dev)
+    if [ ${#need[@]} -gt 0 ]; then
+        say "installing ${need[*]} from the distribution (for the end-to-end tests)"
+        apt_install "${need[@]}" || { say "could not install ${need[*]}"; exit 1; }
+    fi
+    # The distribution's services are not ours: the tests start their own.
+    if command -v systemctl >/dev/null; then
+        for unit in redis-server postgresql; do
+            systemctl is-active --quiet "$unit" 2>/dev/null && as_root systemctl stop "$unit" || true
+        done
+    fi
+    if ! "$SYNAPSE_VENV/bin/python" -c "import synapse, sys
+sys.exit(synapse.__version__.split()[0] != '$SYNAPSE_VERSION')" 2>/dev/null; then
+        say "installing Synapse $SYNAPSE_VERSION into $SYNAPSE_VENV"
+        rm -rf "$SYNAPSE_VENV"
+        python3 -m venv "$SYNAPSE_VENV"
+        if ! { "$SYNAPSE_VENV/bin/python" -m pip install -q --disable-pip-version-check \
+                   --upgrade pip &&
+               "$SYNAPSE_VENV/bin/python" -m pip install -q --disable-pip-version-check \
+                   "matrix-synapse[postgres,redis]==$SYNAPSE_VERSION"; } \
+                > "$SYNAPSE_VENV.log" 2>&1; then
+            cat "$SYNAPSE_VENV.log" >&2
+            say "installing Synapse failed (log above)"
+            exit 1
+        fi
+    fi
+}
+
 ensure_chromium() {
     if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
         say "installing Chromium from the distribution (for the status page test)"
@@ -93,6 +137,7 @@ case "$cmd" in
     test)
         ensure_haproxy
         ensure_chromium
+        ensure_synapse
         ensure_venv
         say "ruff"
         "$VENV/bin/ruff" check spoa tests bench

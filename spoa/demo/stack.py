@@ -183,6 +183,9 @@ class Router:
         )
         log.close()
 
+    async def stop(self) -> None:
+        self.stop_router()
+
     def stop_router(self) -> None:
         if self.haproxy is not None and self.haproxy.poll() is None:
             self.haproxy.terminate()

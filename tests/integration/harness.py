@@ -93,11 +93,23 @@ def routing_config(
     )
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A loopback port free now and not handed out before by this process.
+
+    The kernel may give the same ephemeral port to two bind(0) calls in a
+    row once the first socket is closed; a test that takes several ports
+    before starting anything must not get one twice.
+    """
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:

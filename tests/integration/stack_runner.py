@@ -10,20 +10,21 @@ import time
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from spoa.demo.client import Outcome, send
-from spoa.demo.stack import DemoStack
+from spoa.demo.stack import DemoStack, Router
 from spoa.traffic import TrafficRequest
 from tests.integration.harness import free_port
 
 T = TypeVar("T")
+S = TypeVar("S", bound=Router)
 
 
-class StackRunner:
-    """A DemoStack on its own event loop thread, driven by blocking calls."""
+class StackRunner(Generic[S]):
+    """A Router (or DemoStack) on its own event loop thread, driven by blocking calls."""
 
-    def __init__(self, stack: DemoStack) -> None:
+    def __init__(self, stack: S) -> None:
         self.stack = stack
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -65,7 +66,7 @@ class StackRunner:
 
 
 @contextmanager
-def running_stack(workdir: Path, policy: Path, **options: Any) -> Iterator[StackRunner]:
+def running_stack(workdir: Path, policy: Path, **options: Any) -> Iterator[StackRunner[DemoStack]]:
     stack = DemoStack(
         workdir=workdir,
         policy=policy,
@@ -93,5 +94,10 @@ def log_fields(line: str) -> dict[str, str]:
     """The key=value fields of one HAProxy log line of the shipped log-format."""
     fields = dict(_FIELD.findall(line))
     parts = line.split()
-    fields["backend_server"] = parts[3] if len(parts) > 3 else ""
+    # %ci:%cp [%tr] %ft %b/%s timers %ST %B %tsc %HM %HPO key=value...
+    if len(parts) > 9:
+        fields["backend_server"] = parts[3]
+        fields["status"] = parts[5]
+        fields["method"] = parts[8]
+        fields["path"] = parts[9]
     return fields

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from spoa.demo.stack import DemoStack
 from spoa.policy import load_policy
 from spoa.traffic import Deployment, TrafficRequest, generate
 from tests.integration.stack_runner import StackRunner, running_stack
@@ -38,7 +39,7 @@ def get(url: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackRunner]:
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackRunner[DemoStack]]:
     workdir = tmp_path_factory.mktemp("observability")
     policy = workdir / "policy.yaml"
     shutil.copy(ROOT / "policies" / "synapse-workers.yaml", policy)
@@ -46,11 +47,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackRunner]:
         yield runner
 
 
-def agent_url(runner: StackRunner, path: str) -> str:
+def agent_url(runner: StackRunner[DemoStack], path: str) -> str:
     return f"http://{runner.stack.agent_http}{path}"
 
 
-def decisions(runner: StackRunner) -> Counter[tuple[str, str]]:
+def decisions(runner: StackRunner[DemoStack]) -> Counter[tuple[str, str]]:
     counts: Counter[tuple[str, str]] = Counter()
     for family in text_string_to_metric_families(get(agent_url(runner, "/metrics"))):
         for sample in family.samples:
@@ -59,7 +60,7 @@ def decisions(runner: StackRunner) -> Counter[tuple[str, str]]:
     return counts
 
 
-def metric(runner: StackRunner, name: str, **labels: str) -> float:
+def metric(runner: StackRunner[DemoStack], name: str, **labels: str) -> float:
     for family in text_string_to_metric_families(get(agent_url(runner, "/metrics"))):
         for sample in family.samples:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
@@ -71,7 +72,9 @@ def traffic(n: int, seed: int) -> list[TrafficRequest]:
     return list(generate(n, Deployment(users=30, rooms=10, remotes=5, seed=seed)))
 
 
-def test_metrics_count_exactly_the_requests_sent_by_class_and_rule(stack: StackRunner) -> None:
+def test_metrics_count_exactly_the_requests_sent_by_class_and_rule(
+    stack: StackRunner[DemoStack],
+) -> None:
     requests = traffic(300, seed=3)
     policy = load_policy(str(stack.stack.policy))
     from ipaddress import ip_address
@@ -92,7 +95,9 @@ def test_metrics_count_exactly_the_requests_sent_by_class_and_rule(stack: StackR
     assert healthz.startswith("ok")
 
 
-def test_a_reload_counts_as_success_and_a_broken_edit_as_failure(stack: StackRunner) -> None:
+def test_a_reload_counts_as_success_and_a_broken_edit_as_failure(
+    stack: StackRunner[DemoStack],
+) -> None:
     path = stack.stack.policy
     good = path.read_text()
     ok0 = metric(stack, "spoa_policy_reloads_total", result="success")
@@ -117,7 +122,7 @@ def test_a_reload_counts_as_success_and_a_broken_edit_as_failure(stack: StackRun
     path.write_text(good)
 
 
-def test_no_token_room_or_path_in_metrics_or_logs(stack: StackRunner) -> None:
+def test_no_token_room_or_path_in_metrics_or_logs(stack: StackRunner[DemoStack]) -> None:
     token = "syt_c2VjcmV0dXNlcg_SECRETSECRETSECRETSE_zz9zz9"
     room = "!topsecretroom:example.org"
     for target, headers in (
@@ -154,7 +159,7 @@ def test_no_token_room_or_path_in_metrics_or_logs(stack: StackRunner) -> None:
     assert token not in haproxy_log and "SECRETSECRET" not in haproxy_log
 
 
-def test_the_dashboard_queries_only_metrics_that_exist(stack: StackRunner) -> None:
+def test_the_dashboard_queries_only_metrics_that_exist(stack: StackRunner[DemoStack]) -> None:
     stack.send(TrafficRequest("x", "GET", "/_matrix/client/versions"))
     exported = set()
     for text in (
@@ -197,7 +202,7 @@ def browser(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_status_page_in_a_real_browser_while_traffic_runs(
-    stack: StackRunner, tmp_path: Path
+    stack: StackRunner[DemoStack], tmp_path: Path
 ) -> None:
     stop = threading.Event()
     requests = traffic(2000, seed=9)

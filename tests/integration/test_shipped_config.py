@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from spoa.demo.client import Outcome
+from spoa.demo.stack import DemoStack
 from spoa.traffic import Deployment, TrafficRequest, generate
 from tests.integration.stack_runner import StackRunner, log_fields, running_stack
 
@@ -61,12 +62,12 @@ SIMPLE_SAMPLES = {
 
 
 @pytest.fixture(scope="module")
-def synapse_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackRunner]:
+def synapse_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackRunner[DemoStack]]:
     with running_stack(tmp_path_factory.mktemp("synapse"), SYNAPSE) as runner:
         yield runner
 
 
-def sent(runner: StackRunner, request: TrafficRequest) -> tuple[Outcome, dict[str, str]]:
+def sent(runner: StackRunner[DemoStack], request: TrafficRequest) -> tuple[Outcome, dict[str, str]]:
     """Send one request; return its outcome and HAProxy's log line for it."""
     before = len(runner.log())
     outcome = runner.send(request)
@@ -77,7 +78,9 @@ def sent(runner: StackRunner, request: TrafficRequest) -> tuple[Outcome, dict[st
     return outcome, log_fields(lines[-1])
 
 
-def test_every_class_of_synapse_workers_reaches_its_backend(synapse_stack: StackRunner) -> None:
+def test_every_class_of_synapse_workers_reaches_its_backend(
+    synapse_stack: StackRunner[DemoStack],
+) -> None:
     assert set(SYNAPSE_SAMPLES) == set(synapse_stack.stack.classes)
     for worker_class, request in SYNAPSE_SAMPLES.items():
         outcome, fields = sent(synapse_stack, request)
@@ -105,12 +108,14 @@ def test_every_class_of_simple_reaches_its_backend(tmp_path: Path) -> None:
             assert fields["via"] == "fallback"
 
 
-def test_replication_paths_are_refused_from_outside(synapse_stack: StackRunner) -> None:
+def test_replication_paths_are_refused_from_outside(synapse_stack: StackRunner[DemoStack]) -> None:
     outcome = synapse_stack.send(req("POST", "/_synapse/replication/send_event/x"))
     assert outcome.status == 404
 
 
-def test_all_workers_of_a_class_down_then_main_answers(synapse_stack: StackRunner) -> None:
+def test_all_workers_of_a_class_down_then_main_answers(
+    synapse_stack: StackRunner[DemoStack],
+) -> None:
     stack = synapse_stack.stack
     request = SYNAPSE_SAMPLES["event_creator"]
     assert synapse_stack.send(request).worker_class == "event_creator"
@@ -132,7 +137,7 @@ def test_all_workers_of_a_class_down_then_main_answers(synapse_stack: StackRunne
 
 
 def test_agent_killed_mid_traffic_then_fallback_keeps_classes_and_servers_then_agent_returns(
-    synapse_stack: StackRunner,
+    synapse_stack: StackRunner[DemoStack],
 ) -> None:
     runner = synapse_stack
     traffic = list(generate(400, Deployment(users=60, rooms=20, remotes=10, seed=7)))
