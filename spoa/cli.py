@@ -26,6 +26,7 @@ from .server import Handler, Limits, SpopServer, parse_listen, static_handler
 from .spop import Scope, SetVar
 from .stats import DecisionStats
 from .status import StatusApp
+from .traffic import Deployment, generate
 
 log = logging.getLogger("spoa")
 
@@ -115,9 +116,24 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8008, help="HAProxy's client port")
     demo.add_argument("--stats-port", type=int, default=8404)
     demo.add_argument("--agent-port", type=int, default=12345)
+    demo.add_argument(
+        "--agent-http", default="127.0.0.1:9090", help="the agent's status page and metrics"
+    )
     demo.add_argument("--burst", type=int, default=600, help="requests to send at start")
     demo.add_argument("--workdir", default="run", help="logs and state (default ./run)")
     demo.add_argument("--no-stay", action="store_true", help="exit after the burst")
+
+    traffic = commands.add_parser(
+        "traffic",
+        help="print a realistic Matrix request mix as JSON lines",
+        description="Print requests drawn from a model of a busy homeserver (syncs, sends, "
+        "federation, media, ...) as JSON lines, the input of 'spoa explain --jsonl'.",
+    )
+    traffic.add_argument("--count", type=int, default=1000)
+    traffic.add_argument("--users", type=int, default=500)
+    traffic.add_argument("--rooms", type=int, default=200)
+    traffic.add_argument("--remotes", type=int, default=50, help="remote homeservers")
+    traffic.add_argument("--seed", type=int, default=1)
 
     worker = commands.add_parser(
         "demo-worker",
@@ -328,6 +344,7 @@ def _demo(args: argparse.Namespace) -> int:
             args.port,
             args.stats_port,
             args.agent_port,
+            args.agent_http,
             args.burst,
             Path(args.workdir).resolve(),
             not args.no_stay,
@@ -447,6 +464,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _explain(args, sys.stdout, sys.stderr)
     if args.command == "demo":
         return _demo(args)
+    if args.command == "traffic":
+        deployment = Deployment(
+            users=args.users, rooms=args.rooms, remotes=args.remotes, seed=args.seed
+        )
+        for request in generate(args.count, deployment):
+            print(json.dumps(request.as_json()))
+        return 0
     if args.command == "demo-worker":
         return _demo_worker(args)
     parser.error(f"unknown command {args.command}")

@@ -144,3 +144,66 @@ def test_serve_needs_a_policy_or_a_static_class() -> None:
     result = spoa("serve")
     assert result.returncode == 2
     assert "--policy" in result.stderr
+
+
+HAPROXY_CFG = str(ROOT / "haproxy" / "haproxy.cfg")
+SIMPLE = str(ROOT / "policies" / "simple.yaml")
+
+
+def test_check_haproxy_accepts_the_shipped_config_for_both_bundled_policies() -> None:
+    for policy in (SYNAPSE, SIMPLE):
+        result = spoa("check", policy, "--haproxy", HAPROXY_CFG)
+        assert result.returncode == 0, result.stderr
+        assert f"ok: the Lua fallback agrees with {policy}" in result.stdout
+    simple = spoa("check", SIMPLE, "--haproxy", HAPROXY_CFG).stdout
+    assert "never routes to: be_account_data" in simple
+
+
+def test_check_haproxy_reports_a_class_without_backend(tmp_path: Path) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "version: 1\nclasses: {main: , synchrotron: , search: }\ndefault: {class: main}\n"
+        "rules:\n  - {name: s, class: search, path: '^/_matrix/client/v3/search$'}\n"
+    )
+    result = spoa("check", str(policy), "--haproxy", HAPROXY_CFG)
+    assert result.returncode == 1
+    assert (
+        f"error: class 'search' of {policy} has no backend be_search in {HAPROXY_CFG}"
+        in result.stderr
+    )
+
+
+def test_check_haproxy_reports_a_fallback_that_disagrees_with_the_policy(tmp_path: Path) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        (ROOT / "policies" / "synapse-workers.yaml")
+        .read_text()
+        .replace(
+            "  - name: event_sending\n    class: event_creator\n    key: room",
+            "  - name: event_sending\n    class: event_creator\n    key: user",
+        )
+    )
+    result = spoa("check", str(policy), "--haproxy", HAPROXY_CFG)
+    assert result.returncode == 1
+    assert "no lua.matrix_fallback line" in result.stderr
+    assert "event_sending=event_creator:user" in result.stderr
+
+
+def test_check_haproxy_of_a_missing_config_exits_1() -> None:
+    result = spoa("check", SYNAPSE, "--haproxy", "/nonexistent/haproxy.cfg")
+    assert result.returncode == 1
+    assert "cannot read" in result.stderr
+
+
+def test_traffic_lines_replay_through_explain_in_order() -> None:
+    traffic = spoa("traffic", "--count", "200", "--seed", "5")
+    assert traffic.returncode == 0
+    lines = traffic.stdout.splitlines()
+    assert len(lines) == 200
+    assert spoa("traffic", "--count", "200", "--seed", "5").stdout == traffic.stdout
+    explained = spoa("explain", SYNAPSE, "--jsonl", stdin=traffic.stdout)
+    assert explained.returncode == 0, explained.stdout[-500:]
+    decisions = [json.loads(x) for x in explained.stdout.splitlines()]
+    assert len(decisions) == 200
+    classes = {d["class"] for d in decisions}
+    assert {"synchrotron", "event_creator", "federation_inbound", "media_repository"} <= classes

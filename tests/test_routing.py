@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -109,3 +110,33 @@ def test_a_reload_changes_the_answer_at_once(tmp_path: Path) -> None:
     actions = answer(handler, method="GET", path="/x")
     assert actions[0].value == "b"
     assert actions[-1].value == handler.holder.current.version
+
+
+def test_debug_logging_of_decisions_is_off_by_default_and_never_logs_the_key_source(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    holder = PolicyHolder(str(ROOT / "policies" / "synapse-workers.yaml"))
+    event = Notify(
+        1,
+        1,
+        [
+            Message(
+                "route",
+                {
+                    "method": "GET",
+                    "path": "/_matrix/client/v3/sync",
+                    "auth": f"Bearer {TOKEN}",
+                    "query": "since=1",
+                },
+            )
+        ],
+    )
+    with caplog.at_level(logging.INFO, logger="spoa.routing"):
+        RouteHandler(holder)(event)
+    assert not [r for r in caplog.records if r.name == "spoa.routing"]
+    with caplog.at_level(logging.DEBUG, logger="spoa.routing"):
+        RouteHandler(holder)(event)
+    (record,) = [r for r in caplog.records if r.name == "spoa.routing"]
+    message = record.getMessage()
+    assert "synchrotron" in message and "rule=sync" in message and "key_kind=user" in message
+    assert TOKEN not in message and "secret" not in message and "alice" not in message

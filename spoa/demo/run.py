@@ -58,13 +58,19 @@ async def run(
     port: int,
     stats_port: int,
     agent_port: int,
+    agent_http: str,
     burst: int,
     workdir: Path,
     stay: bool,
     out: TextIO = sys.stdout,
 ) -> int:
     stack = DemoStack(
-        workdir=workdir, policy=policy, port=port, stats_port=stats_port, agent_port=agent_port
+        workdir=workdir,
+        policy=policy,
+        port=port,
+        stats_port=stats_port,
+        agent_port=agent_port,
+        agent_http=agent_http,
     )
     print(f"starting HAProxy, the agent and demo workers (logs in {workdir}/) ...", file=out)
     try:
@@ -92,6 +98,7 @@ The router is up. Try:
        -H 'Authorization: Bearer syt_YWxpY2U_abcdefghijklmnopqrst_123456'
   curl -s -X PUT 'http://127.0.0.1:{port}/_matrix/client/v3/rooms/%21abc%3Aexample.org/send/m.room.message/1'
   HAProxy stats:   http://127.0.0.1:{stats_port}/stats   (metrics: /metrics)
+  Agent status:    http://{agent_http}/   (metrics: /metrics)
   HAProxy log:     {workdir}/haproxy.log  (via=agent|fallback, class, rule, policy per request)
   Edit {policy} and the next requests follow it, with no restart.
 Ctrl-C stops everything.""",
