@@ -212,29 +212,45 @@ class _SpopProtocol(asyncio.Protocol):
             if not events:
                 break
             notifies = 0
+            fast = 0
+            handler = self._handler
+            ack = conn.ack
             for event in events:
                 if type(event) is Notify:
                     notifies += 1
-                    frame = self._answer(event)
+                    try:
+                        result = handler(event)
+                    except Exception:
+                        self._handler_failed("handler raised")
+                        out.append(self._ack(event, self._noop))
+                        continue
+                    # The hot path: precomputed bytes that fit the frame.
+                    if type(result) is bytes and result:
+                        try:
+                            out.append(ack(event.stream_id, event.frame_id, result))
+                            fast += 1
+                            continue
+                        except LocalProtocolError:
+                            pass
+                    frame = self._answer(event, result)
                     if frame is not None:
                         out.append(frame)
                 else:
                     self._control(event, out)
             self._stats.notify_frames += notifies
+            self._stats.ack_frames += fast
+            if not conn.buffered:
+                break  # the usual case: everything read is answered
         if out and not self._closing:
             self._write(out)
         if self._draining and conn.in_flight == 0 and not self._closing:
             self._close(Status.NORMAL, "agent is shutting down")
             return
-        self._update_reading()
+        if self._paused_for_flight or self._paused_for_write or conn.in_flight:
+            self._update_reading()
 
-    def _answer(self, event: Notify) -> bytes | None:
-        """The ACK for a NOTIFY, or None if an awaitable will answer later."""
-        try:
-            result = self._handler(event)
-        except Exception:
-            self._handler_failed("handler raised")
-            return self._ack(event, self._noop)
+    def _answer(self, event: Notify, result: object) -> bytes | None:
+        """The ACK for what a handler returned, or None if an awaitable will answer later."""
         if type(result) is bytes:
             return self._ack(event, result or self._noop)
         if isinstance(result, (list, tuple)):
