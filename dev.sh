@@ -112,7 +112,8 @@ ensure_venv() {
         fi
     fi
     local stamp="$VENV/.installed" want
-    want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+    # Reinstall when the dependencies or the C speedup change.
+    want=$(cat pyproject.toml setup.py spoa/spop/_speedups.c | sha256sum | cut -d' ' -f1)
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
         say "installing Python dependencies into $VENV"
         if ! { "$PY" -m pip install -q --disable-pip-version-check --upgrade pip &&
@@ -140,8 +141,8 @@ case "$cmd" in
         ensure_synapse
         ensure_venv
         say "ruff"
-        "$VENV/bin/ruff" check spoa tests bench
-        "$VENV/bin/ruff" format --check spoa tests bench
+        "$VENV/bin/ruff" check spoa tests bench setup.py
+        "$VENV/bin/ruff" format --check spoa tests bench setup.py
         say "mypy (strict)"
         "$VENV/bin/mypy"
         say "pytest"
@@ -154,6 +155,7 @@ case "$cmd" in
         "$PY" bench/spop_load.py --policy policies/synapse-workers.yaml "$@"
         "$PY" bench/decide.py
         "$PY" bench/handler.py
+        "$PY" bench/codec.py
         ;;
     *)
         sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'

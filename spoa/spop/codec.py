@@ -9,8 +9,9 @@ decoded once whole.
 
 from __future__ import annotations
 
+import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Final, TypeAlias
@@ -354,7 +355,7 @@ def encode_messages(messages: Iterable[Message]) -> bytes:
     return b"".join(parts)
 
 
-def decode_messages(buf: bytes, pos: int, end: int) -> list[Message]:
+def _decode_messages_py(buf: bytes, pos: int, end: int) -> list[Message]:
     """Decode a LIST-OF-MESSAGES filling ``buf[pos:end]``.
 
     A list, not a dict: one NOTIFY may carry several messages, even several
@@ -362,7 +363,9 @@ def decode_messages(buf: bytes, pos: int, end: int) -> list[Message]:
 
     This is the agent's hot path: short names and short strings (the common
     case) are decoded inline; everything else goes through
-    :func:`decode_name` and :func:`decode_typed`.
+    :func:`decode_name` and :func:`decode_typed`. It is also the reference
+    for the optional C version in ``_speedups.c``, which must return equal
+    results and raise the same errors.
     """
     messages: list[Message] = []
     names = _NAME_CACHE
@@ -392,6 +395,33 @@ def decode_messages(buf: bytes, pos: int, end: int) -> list[Message]:
                 args[arg_name], pos = decode_typed(buf, pos, end)
         messages.append(Message(name, args))
     return messages
+
+
+_MessagesDecoder: TypeAlias = Callable[[bytes, int, int], list[Message]]
+
+
+def _load_speedups() -> _MessagesDecoder | None:
+    """The C ``decode_messages`` bound to this module, or None when it is not built.
+
+    The extension is optional (no compiler at install time leaves it out); it
+    delegates the rare cases to :func:`decode_typed` and :func:`decode_name`
+    and shares ``_NAME_CACHE``, so both versions fill the cache alike.
+    """
+    try:
+        from . import _speedups
+    except ImportError:
+        return None
+    _speedups.setup(Message, decode_typed, decode_name, DecodeError, _NAME_CACHE, _NAME_CACHE_LIMIT)
+    return _speedups.decode_messages
+
+
+_decode_messages_c = None if os.environ.get("SPOA_NO_SPEEDUPS") else _load_speedups()
+
+#: Whether :func:`decode_messages` is the C version (``SPOA_NO_SPEEDUPS=1`` turns it off).
+SPEEDUPS: Final = _decode_messages_c is not None
+
+#: Decode a LIST-OF-MESSAGES filling ``buf[pos:end]`` (see :func:`_decode_messages_py`).
+decode_messages: Final[_MessagesDecoder] = _decode_messages_c or _decode_messages_py
 
 
 # ---------------------------------------------------------------------------
