@@ -18,7 +18,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from ipaddress import ip_address
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,20 +32,7 @@ Decoder = Callable[[bytes, int, int], list[Message]]
 def route_payloads(count: int) -> list[bytes]:
     """LIST-OF-MESSAGES payloads of one route message each, as HAProxy builds them."""
     return [
-        encode_messages(
-            [
-                Message(
-                    "route",
-                    {
-                        "method": request.method,
-                        "path": request.path,
-                        "query": request.query,
-                        "auth": request.auth,
-                        "src": ip_address(request.src),
-                    },
-                )
-            ]
-        )
+        encode_messages([request.route_message()])
         for request in generate(count, Deployment(users=2000, rooms=500, remotes=100))
     ]
 

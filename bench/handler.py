@@ -14,7 +14,6 @@ import argparse
 import statistics
 import sys
 import time
-from ipaddress import ip_address
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from spoa.policy.reload import PolicyHolder  # noqa: E402
 from spoa.routing import RouteHandler  # noqa: E402
-from spoa.spop import Message, Notify  # noqa: E402
+from spoa.spop import Notify  # noqa: E402
 from spoa.traffic import Deployment, generate  # noqa: E402
 
 
@@ -35,22 +34,7 @@ def main() -> int:
 
     holder = PolicyHolder(args.policy)
     events = [
-        Notify(
-            i,
-            1,
-            [
-                Message(
-                    "route",
-                    {
-                        "method": t.method,
-                        "path": t.path,
-                        "query": t.query,
-                        "auth": t.auth,
-                        "src": ip_address(t.src),
-                    },
-                )
-            ],
-        )
+        Notify(i, 1, [t.route_message()])
         for i, t in enumerate(generate(args.requests, Deployment(users=5000, rooms=2000)))
     ]
     counted = RouteHandler(holder, count=True)

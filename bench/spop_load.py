@@ -27,7 +27,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from ipaddress import ip_address
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,17 +44,7 @@ _MIX = list(generate(4096, Deployment(users=2000, rooms=500, remotes=100)))
 
 
 def route_message(i: int) -> Message:
-    request = _MIX[i % len(_MIX)]
-    return Message(
-        "route",
-        {
-            "method": request.method,
-            "path": request.path,
-            "query": request.query,
-            "auth": request.auth,
-            "src": ip_address(request.src),
-        },
-    )
+    return _MIX[i % len(_MIX)].route_message()
 
 
 @dataclass

@@ -14,6 +14,9 @@ import random
 import string
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from ipaddress import ip_address
+
+from .spop import Message
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +37,19 @@ class TrafficRequest:
     @property
     def auth(self) -> str | None:
         return self.headers.get("Authorization")
+
+    def route_message(self) -> Message:
+        """The SPOE ``route`` message HAProxy sends for this request."""
+        return Message(
+            "route",
+            {
+                "method": self.method,
+                "path": self.path,
+                "query": self.query,
+                "auth": self.auth,
+                "src": ip_address(self.src),
+            },
+        )
 
     def as_json(self) -> dict[str, object]:
         """The shape ``spoa explain --jsonl`` reads."""
