@@ -55,9 +55,9 @@ class AgentCollector(Collector):
         build = InfoMetricFamily("spoa_build", "The agent's version and runtime.")
         build.add_metric([], {"version": __version__, "python": platform.python_version()})
         yield build
-        start = GaugeMetricFamily("spoa_start_time_seconds", "When the agent started (Unix).")
-        start.add_metric([], self.started)
-        yield start
+        yield GaugeMetricFamily(
+            "spoa_start_time_seconds", "When the agent started (Unix).", value=self.started
+        )
 
     def _decisions(self) -> Iterator[Metric]:
         counts = dict(self.decisions.counts)
@@ -72,11 +72,11 @@ class AgentCollector(Collector):
             if rule == DEFAULT_RULE:
                 default += value
         yield decided
-        fell_back = CounterMetricFamily(
-            "spoa_default_decisions", "Decisions no rule took: the policy's default decided."
+        yield CounterMetricFamily(
+            "spoa_default_decisions",
+            "Decisions no rule took: the policy's default decided.",
+            value=default,
         )
-        fell_back.add_metric([], default)
-        yield fell_back
         buckets = list(self.decisions.buckets)
         cumulative = []
         running = 0
@@ -90,28 +90,27 @@ class AgentCollector(Collector):
         )
         latency.add_metric([], cumulative, self.decisions.latency_sum_ns / 1e9)
         yield latency
-        unrouted = CounterMetricFamily(
+        yield CounterMetricFamily(
             "spoa_unrouted_messages",
             "NOTIFY frames without a route message (check the SPOE configuration).",
+            value=self.decisions.unrouted,
         )
-        unrouted.add_metric([], self.decisions.unrouted)
-        yield unrouted
 
     def _spop(self) -> Iterator[Metric]:
         s = self.server
-        open_connections = GaugeMetricFamily(
-            "spoa_connections_open", "SPOP connections from HAProxy open now."
+        yield GaugeMetricFamily(
+            "spoa_connections_open",
+            "SPOP connections from HAProxy open now.",
+            value=s.connections_open,
         )
-        open_connections.add_metric([], s.connections_open)
-        yield open_connections
-        accepted = CounterMetricFamily("spoa_connections_accepted", "SPOP connections accepted.")
-        accepted.add_metric([], s.connections_accepted)
-        yield accepted
-        refused = CounterMetricFamily(
-            "spoa_connections_refused", "HELLOs refused: over the connection limit."
+        yield CounterMetricFamily(
+            "spoa_connections_accepted", "SPOP connections accepted.", value=s.connections_accepted
         )
-        refused.add_metric([], s.connections_refused)
-        yield refused
+        yield CounterMetricFamily(
+            "spoa_connections_refused",
+            "HELLOs refused: over the connection limit.",
+            value=s.connections_refused,
+        )
         received = CounterMetricFamily(
             "spoa_frames_received", "SPOP frames received, by frame type.", labels=["type"]
         )
@@ -126,11 +125,11 @@ class AgentCollector(Collector):
         sent.add_metric(["ack"], s.ack_frames)
         sent.add_metric(["agent_disconnect"], s.disconnect_frames_sent)
         yield sent
-        checks = CounterMetricFamily(
-            "spoa_healthchecks", "Health-check HELLOs answered (HAProxy's spop-check)."
+        yield CounterMetricFamily(
+            "spoa_healthchecks",
+            "Health-check HELLOs answered (HAProxy's spop-check).",
+            value=s.healthchecks,
         )
-        checks.add_metric([], s.healthchecks)
-        yield checks
         errors = CounterMetricFamily(
             "spoa_protocol_errors",
             "Connections closed for a protocol error, by SPOE status.",
@@ -141,12 +140,11 @@ class AgentCollector(Collector):
         for status in sorted(set(_STATUS_NAMES) | set(counts)):
             errors.add_metric([_STATUS_NAMES.get(status, str(status))], counts.get(status, 0))
         yield errors
-        handler = CounterMetricFamily(
+        yield CounterMetricFamily(
             "spoa_handler_errors",
             "Requests whose handler failed; they were answered with a no-op (fail open).",
+            value=s.handler_errors,
         )
-        handler.add_metric([], s.handler_errors)
-        yield handler
 
     def _policy(self) -> Iterator[Metric]:
         holder = self.holder
@@ -162,21 +160,19 @@ class AgentCollector(Collector):
         info = InfoMetricFamily("spoa_policy", "The running policy.")
         info.add_metric([], {"version": policy.version, "name": policy.spec.name or ""})
         yield info
-        loaded = GaugeMetricFamily(
+        yield GaugeMetricFamily(
             "spoa_policy_last_reload_success_timestamp_seconds",
             "When the running policy was loaded (Unix time).",
+            value=holder.loaded_at,
         )
-        loaded.add_metric([], holder.loaded_at)
-        yield loaded
-        ok = GaugeMetricFamily(
+        yield GaugeMetricFamily(
             "spoa_policy_last_reload_successful",
             "1 if the last reload attempt succeeded (or none failed since start), else 0.",
+            value=1.0 if holder.last_reload_ok else 0.0,
         )
-        ok.add_metric([], 1.0 if holder.last_reload_ok else 0.0)
-        yield ok
-        rules = GaugeMetricFamily("spoa_policy_rules", "Rules in the running policy.")
-        rules.add_metric([], len(policy.rules))
-        yield rules
+        yield GaugeMetricFamily(
+            "spoa_policy_rules", "Rules in the running policy.", value=len(policy.rules)
+        )
 
 
 def build_registry(collector: AgentCollector) -> CollectorRegistry:

@@ -288,6 +288,7 @@ class _SpopProtocol(asyncio.Protocol):
         if entry is None or self._closing:
             return
         event = entry[0]
+        frame: bytes | None
         if task.cancelled():
             self._handler_failed("handler timed out")
             frame = self._ack(event, self._noop)
@@ -295,15 +296,10 @@ class _SpopProtocol(asyncio.Protocol):
             self._handler_failed("handler raised")
             frame = self._ack(event, self._noop)
         else:
-            result = task.result()
-            if type(result) is bytes:
-                frame = self._ack(event, result or self._noop)
-            elif isinstance(result, (list, tuple)):
-                frame = self._ack(event, encode_actions(result) or self._noop)
-            else:
-                self._handler_failed(f"handler returned {type(result).__name__}")
-                frame = self._ack(event, self._noop)
-        self._write([frame])
+            # The same checks as for a synchronous answer.
+            frame = self._answer(event, task.result())
+        if frame is not None:
+            self._write([frame])
         self._drive()
 
     def _control(self, event: Event, out: list[bytes]) -> None:

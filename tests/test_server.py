@@ -257,21 +257,29 @@ def test_handler_failure_still_acks_with_noop_and_keeps_the_connection(
 
 
 def test_async_handler_failure_and_timeout_still_ack() -> None:
-    async def handler(event: Notify) -> bytes:
+    async def handler(event: Notify) -> object:
+        await asyncio.sleep(0)
         if event.stream_id == 1:
             raise RuntimeError("boom")
         if event.stream_id == 2:
             await asyncio.sleep(60)
+        if event.stream_id == 4:
+            return [object()]  # actions that cannot be encoded
+        if event.stream_id == 5:
+            return [SetVar(Scope.TXN, "big", "x" * 20000)]  # too big for a frame
+        if event.stream_id == 6:
+            return 42
         return encode_actions(BACKEND)
 
     async def scenario() -> None:
-        async with running_server(handler, Limits(handler_timeout=0.2)) as server:
+        async with running_server(handler, Limits(handler_timeout=0.2)) as server:  # type: ignore[arg-type]
             peer = await connected(server)
-            await peer.send(b"".join(notify(sid, 1, [ROUTE]) for sid in (1, 2, 3)))
-            acks = {a.stream_id: actions(a) for a in await peer.frames(3)}
-            assert acks[1] == acks[2] == [UnsetVar(Scope.TXN, "noop")]
+            await peer.send(b"".join(notify(sid, 1, [ROUTE]) for sid in range(1, 7)))
+            acks = {a.stream_id: actions(a) for a in await peer.frames(6)}
+            noop = [UnsetVar(Scope.TXN, "noop")]
+            assert acks[1] == acks[2] == acks[4] == acks[5] == acks[6] == noop
             assert acks[3] == BACKEND
-            assert server.stats.handler_errors == 2
+            assert server.stats.handler_errors == 5
 
     run(scenario())
 
