@@ -37,6 +37,3 @@ class DecisionStats:
     latency_sum_ns: int = 0
     #: NOTIFY frames without a route message (an HAProxy configuration error).
     unrouted: int = 0
-
-    def total(self) -> int:
-        return sum(self.counts.values())

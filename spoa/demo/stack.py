@@ -63,6 +63,20 @@ def haproxy_binary() -> str:
     return found
 
 
+def stop_process(
+    proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, timeout: float = 10.0
+) -> None:
+    """Signal a child if it still runs and wait for it; kill it if it will not stop."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def service_name(worker_class: str) -> str:
     """The SRV name a class's workers are published under."""
     return f"_http._tcp.{worker_class.replace('_', '-')}.{ZONE}"
@@ -134,13 +148,7 @@ class Router:
         log.close()
 
     def stop_agent(self, sig: int = signal.SIGTERM) -> None:
-        if self.agent is not None and self.agent.poll() is None:
-            self.agent.send_signal(sig)
-            try:
-                self.agent.wait(15)
-            except subprocess.TimeoutExpired:
-                self.agent.kill()
-                self.agent.wait()
+        stop_process(self.agent, sig, timeout=15)
 
     def haproxy_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -187,12 +195,7 @@ class Router:
         self.stop_router()
 
     def stop_router(self) -> None:
-        if self.haproxy is not None and self.haproxy.poll() is None:
-            self.haproxy.terminate()
-            try:
-                self.haproxy.wait(10)
-            except subprocess.TimeoutExpired:
-                self.haproxy.kill()
+        stop_process(self.haproxy)
         self.stop_agent()
         if self._dns is not None:
             self._dns.close()
@@ -287,9 +290,6 @@ class DemoStack(Router):
             await self.stop_class(worker_class)
         if self.main is not None:
             await self.main.stop()
-
-    def ready(self) -> bool:
-        return self.up({c: len(w) for c, w in self.workers.items()})
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
         await self.wait_up({c: len(w) for c, w in self.workers.items()}, timeout)

@@ -26,13 +26,15 @@ import hashlib
 import re
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, TypeVar
 
 import mmh3
 
 from ..matrix import access_token, room_from_path, syt_localpart, xmatrix_origin
 from ..matrix.query import has_value
 from .schema import KeyKind, PolicySpec, RuleSpec, parse_policy
+
+_T = TypeVar("_T")
 
 DEFAULT_RULE: Final = "default"
 #: Memos (matching chains by path, decisions by key source) hold at most this
@@ -234,7 +236,6 @@ class CompiledPolicy:
         self.spec = spec
         self._memo_entries = memo_entries
         self.version = version
-        self.source = spec.source
         self.seed = spec.seed
         self.classes = spec.classes
         self.rules = tuple(
@@ -245,8 +246,7 @@ class CompiledPolicy:
             len(self.rules), None, spec.default_class, spec.default_key, DEFAULT_RULE
         )
         self.rule_names = (*(r.name for r in self.rules), DEFAULT_RULE)
-        by_group = {f"r{rule.index}": rule for rule in self.rules}
-        self._by_group = by_group
+        self._by_group = {f"r{rule.index}": rule for rule in self.rules}
         rules = list(self.rules)
         self._matcher = _combine(rules)
         # Where to resume after a conditional rule's conditions fail.
@@ -286,12 +286,15 @@ class CompiledPolicy:
                 break
             matcher = self._after[rule.index]
         result = tuple(chain)
-        if len(path) <= MEMO_MAX_TEXT and self._memo_entries:
-            chains = self._chains
-            if len(chains) >= self._memo_entries:
-                chains.clear()
-            chains[path] = result
+        self._remember(self._chains, path, result)
         return result
+
+    def _remember(self, memo: dict[str, _T], key: str, value: _T) -> None:
+        """Keep ``value`` in a bounded memo: short keys only, emptied when full."""
+        if len(key) <= MEMO_MAX_TEXT and self._memo_entries:
+            if len(memo) >= self._memo_entries:
+                memo.clear()
+            memo[key] = value
 
     def match(self, method: str, path: str, query: str | None) -> CompiledRule:
         """The first rule that takes this request, or the default rule."""
@@ -325,10 +328,7 @@ class CompiledPolicy:
                 self.version,
                 rule.label(kind),
             )
-            if len(source) <= MEMO_MAX_TEXT and self._memo_entries:
-                if len(memo) >= self._memo_entries:
-                    memo.clear()
-                memo[source] = decision
+            self._remember(memo, source, decision)
             return decision
         except Exception:  # a bug; the request still gets routed
             worker_class = self.default.worker_class

@@ -397,10 +397,6 @@ class Connection:
             raise LocalProtocolError(f"no NOTIFY {stream_id}/{frame_id} in flight") from None
         return _ACK_HEAD.pack(body, _ACK, _FIN) + sid + fid + actions
 
-    def forget(self, stream_id: int, frame_id: int) -> None:
-        """Drop a NOTIFY from the in-flight set without answering it."""
-        self._pending.discard((stream_id, frame_id))
-
     def disconnect(self, status: Status | int = Status.NORMAL, message: str = "") -> bytes:
         """AGENT-DISCONNECT (SPOE.txt 3.2.9); close the socket once written."""
         if self.state is ConnectionState.CLOSED:

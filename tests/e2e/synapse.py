@@ -26,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from spoa.demo.stack import stop_process
 from tests.integration.harness import free_port, port_open, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -179,9 +180,7 @@ class Redis:
         wait_until(lambda: port_open(self.port), 15, "Redis to listen")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+        stop_process(self.proc)
 
 
 def _health(port: int) -> bool:

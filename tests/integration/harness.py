@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from spoa.demo.stack import haproxy_binary
+from spoa.demo.stack import haproxy_binary, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -280,13 +280,7 @@ class HAProxy:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def admin(self, command: str) -> str:
         with socket.socket(socket.AF_UNIX) as sock:

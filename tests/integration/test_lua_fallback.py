@@ -26,6 +26,7 @@ from pathlib import Path
 import mmh3
 import pytest
 
+from spoa import haproxycfg
 from spoa.policy import CompiledPolicy, Decision, Request, load_policy
 from spoa.traffic import Deployment, generate
 from tests.integration.harness import HAProxy, free_port, wait_until
@@ -36,14 +37,8 @@ ROOT = Path(__file__).resolve().parents[2]
 LUA = ROOT / "lua" / "matrix_fallback.lua"
 REFERENCE_CONFIG = ROOT / "haproxy" / "haproxy.cfg"
 
-FAMILIES = (
-    "sync",
-    "initial_sync",
-    "federation_inbound",
-    "federation_reader",
-    "media",
-    "event_sending",
-)
+#: The families the fallback covers (everything else is its "rest").
+FAMILIES = tuple(family for family in haproxycfg.FAMILIES if family != "rest")
 #: Each family must be compared at least this many times in a parity test.
 MIN_PER_FAMILY = 20
 GENERATED = 2000
