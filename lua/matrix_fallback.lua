@@ -103,6 +103,10 @@ local INITIAL_SYNC_PATHS = patterns({
 -- Rule sync, but for /sync itself.
 local EVENTS_PATHS = patterns({ "^/_matrix/client/(api/v1|r0|v3)/events$" })
 
+-- Rule sliding_sync: native sliding sync (Element X), the sync family's
+-- class and key, whatever its query ("pos" is no initial-sync marker).
+local SLIDING_SYNC_PATHS = patterns({ "^/_matrix/client/unstable/org.matrix.simplified_msc3575/sync$" })
+
 -- Rule media: its client and federation paths, not the admin API ones.
 local MEDIA_PATHS = patterns({
     "^/_matrix/media/",
@@ -552,7 +556,7 @@ local function family_of(path, query)
     if matches_any(path, INITIAL_SYNC_PATHS) then
         return "initial_sync"
     end
-    if matches_any(path, EVENTS_PATHS) then
+    if matches_any(path, EVENTS_PATHS) or matches_any(path, SLIDING_SYNC_PATHS) then
         return "sync"
     end
     if matches_any(path, MEDIA_PATHS) then

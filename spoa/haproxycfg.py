@@ -25,7 +25,7 @@ FAMILIES: Final = (
     "rest",
 )
 
-#: One request per family of the Lua fallback, to ask the policy what it does.
+#: One request per family of the Lua fallback (but rest), to ask the policy what it does.
 _SAMPLES: Final[dict[str, Request]] = {
     "sync": Request(
         "GET",
@@ -58,9 +58,6 @@ _SAMPLES: Final[dict[str, Request]] = {
         None,
         "Bearer syt_YWxpY2U_abcdefghijklmnopqrst_1a2b3c",
     ),
-    "rest": Request(
-        "POST", "/_matrix/client/v3/logout", None, "Bearer syt_YWxpY2U_abcdefghijklmnopqrst_1a2b3c"
-    ),
 }
 
 _BACKEND = re.compile(r"^\s*backend\s+(\S+)", re.MULTILINE)
@@ -69,8 +66,12 @@ _FALLBACK = re.compile(r"^\s*http-request\s+lua\.matrix_fallback\s+(.*?)\s+(?:if
 
 def fallback_arguments(policy: CompiledPolicy) -> dict[str, str]:
     """What the Lua fallback's arguments must be for this policy."""
-    args = {}
+    args: dict[str, str] = {}
     for family in FAMILIES:
+        if family == "rest":
+            # Everything the fallback does not classify: the policy's default.
+            args[family] = f"{policy.default.worker_class}:{policy.default.key.value}"
+            continue
         decision = policy.decide(_SAMPLES[family]._replace(src=ip_address("192.0.2.1")))
         # The fallback keys by kind, not by the value a sample happened to have.
         rule = next((r for r in policy.rules if r.name == decision.rule), policy.default)

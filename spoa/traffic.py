@@ -1,10 +1,12 @@
 """Realistic Matrix request mixes, for the demo, the tests and the benchmarks.
 
-A deployment is modelled as users (each with a ``syt_`` token and a device),
-rooms, remote servers and media; :func:`generate` draws requests from it in
-the proportions a busy homeserver sees: mostly long-polling incremental
-syncs, then event sending, inbound federation, media, receipts and typing,
-pagination, and a tail of everything else. Deterministic for a given seed.
+A deployment is modelled as users (each with a ``syt_`` token and a device,
+or an opaque ``mat_`` token as the Matrix Authentication Service issues
+them), rooms, remote servers and media; :func:`generate` draws requests from
+it in the proportions a busy homeserver sees: mostly long-polling
+incremental syncs (v2 and native sliding sync), then event sending, inbound
+federation, media, receipts and typing, pagination, and a tail of everything
+else. Deterministic for a given seed.
 """
 
 from __future__ import annotations
@@ -69,6 +71,35 @@ def syt_token(localpart: str, rng: random.Random) -> str:
     return f"syt_{encoded}_{letters}_{crc}"
 
 
+def mas_token(localpart: str, rng: random.Random) -> str:
+    """An opaque token shaped like MAS's (``mat_<random>``).
+
+    The router cannot read a user out of it; the demo homeserver, which
+    issued it, can (:func:`demo_token_user`): its random part starts with
+    the URL-safe base64 of the localpart and a ``.``, a letter base64 never
+    writes.
+    """
+    encoded = base64.urlsafe_b64encode(localpart.encode()).decode().rstrip("=")
+    letters = "".join(rng.choices(string.ascii_letters + string.digits, k=24))
+    return f"mat_{encoded}.{letters}"
+
+
+def demo_token_user(token: str) -> str | None:
+    """The localpart a token of this module names (what the demo's whoami answers)."""
+    try:
+        if token.startswith("mat_") and "." in token:
+            encoded = token[4:].partition(".")[0]
+            raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+        elif token.startswith("syt_") and token.count("_") >= 3:
+            encoded = token.split("_")[1]
+            raw = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+        else:
+            return None
+        return raw.decode("utf-8") or None
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
 @dataclass
 class Deployment:
     """The population requests are drawn from."""
@@ -78,6 +109,8 @@ class Deployment:
     rooms: int = 200
     remotes: int = 50
     seed: int = 1
+    #: The share of users holding opaque (MAS) tokens instead of syt_ ones.
+    opaque_share: float = 0.0
     rng: random.Random = field(init=False)
     tokens: list[tuple[str, str]] = field(init=False)
     room_ids: list[str] = field(init=False)
@@ -85,7 +118,15 @@ class Deployment:
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
-        self.tokens = [(f"user{i}", syt_token(f"user{i}", self.rng)) for i in range(self.users)]
+        self.tokens = [
+            (
+                f"user{i}",
+                mas_token(f"user{i}", self.rng)
+                if self.opaque_share and self.rng.random() < self.opaque_share
+                else syt_token(f"user{i}", self.rng),
+            )
+            for i in range(self.users)
+        ]
         self.room_ids = [
             "!" + "".join(self.rng.choices(string.ascii_letters, k=18)) + ":" + self.server_name
             for _ in range(self.rooms)
@@ -107,7 +148,8 @@ def _encode_room(room: str, rng: random.Random) -> str:
 
 #: (kind, weight): what share of requests each family takes.
 MIX: list[tuple[str, int]] = [
-    ("sync", 45),
+    ("sync", 35),
+    ("sliding_sync", 10),
     ("initial_sync", 2),
     ("send", 10),
     ("federation_send", 8),
@@ -156,6 +198,18 @@ def generate(count: int, deployment: Deployment | None = None) -> Iterator[Traff
                     bearer,
                     src,
                 )
+        elif kind == "sliding_sync":
+            # Element X: POST with a position (none on the first request).
+            position = f"&pos={rng.randrange(10**6)}" if rng.random() < 0.95 else ""
+            query = "timeout=30000" + position
+            yield TrafficRequest(
+                kind,
+                "POST",
+                "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
+                query,
+                bearer,
+                src,
+            )
         elif kind == "initial_sync":
             yield TrafficRequest(
                 kind, "GET", "/_matrix/client/v3/sync", "filter=0&timeout=0", bearer, src

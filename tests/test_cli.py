@@ -27,7 +27,7 @@ def test_check_accepts_a_valid_policy_with_a_summary() -> None:
     result = spoa("check", SYNAPSE)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"{SYNAPSE}: OK, version ")
-    assert "20 rules" in result.stdout and "16 classes" in result.stdout
+    assert "24 rules" in result.stdout and "18 classes" in result.stdout
 
 
 def test_check_lists_every_located_error_and_exits_1(tmp_path: Path) -> None:

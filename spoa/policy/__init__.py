@@ -7,12 +7,11 @@ from .compiled import (
     CompiledRule,
     Decision,
     Request,
-    compile_policy,
-    load_policy,
     policy_version,
 )
 from .errors import LocatedError, PolicyError
-from .schema import KeyKind, PolicySpec, RuleSpec, parse_policy
+from .loader import compile_policy, load_policy
+from .schema import KeyKind, PolicySpec, Resolve, RuleSpec, WhoamiSpec, parse_policy
 
 __all__ = [
     "DEFAULT_RULE",
@@ -25,7 +24,9 @@ __all__ = [
     "PolicyError",
     "PolicySpec",
     "Request",
+    "Resolve",
     "RuleSpec",
+    "WhoamiSpec",
     "compile_policy",
     "load_policy",
     "parse_policy",

@@ -26,13 +26,13 @@ import hashlib
 import re
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
-from typing import Final, NamedTuple, TypeVar
+from typing import Final, NamedTuple, Protocol, TypeVar
 
 import mmh3
 
 from ..matrix import access_token, room_from_path, syt_localpart, xmatrix_origin
 from ..matrix.query import has_value
-from .schema import KeyKind, PolicySpec, RuleSpec, parse_policy
+from .schema import KeyKind, PolicySpec, Resolve, RuleSpec
 
 _T = TypeVar("_T")
 
@@ -81,6 +81,18 @@ class Decision(NamedTuple):
 
 
 KeyExtractor = Callable[[Request], tuple[str, str] | None]
+
+
+class Users(Protocol):
+    """Who an access token belongs to, as far as is known now (the whoami cache).
+
+    ``user_for`` must answer at once, from what is already known, and may
+    start finding out in the background: a token it cannot name yet keeps
+    its token key until a later request.
+    """
+
+    def user_for(self, token: str) -> str | None:
+        """The user localpart of ``token``, or None if not known (yet)."""
 
 
 def _token_key(request: Request) -> tuple[str, str] | None:
@@ -158,6 +170,7 @@ class CompiledRule:
         "methods",
         "name",
         "present",
+        "resolves",
         "spec",
         "worker_class",
     )
@@ -175,6 +188,8 @@ class CompiledRule:
         self.present = spec.query_present if spec else ()
         self.absent = spec.query_absent if spec else ()
         self.conditional = bool(self.methods or self.present or self.absent)
+        #: Whether the user behind an opaque token is asked of a Users (whoami).
+        self.resolves = False
         #: Decisions already made by this rule, by key source (bounded memo).
         self.decisions: dict[str, Decision] = {}
         #: The decision when the request gives no key (set by the policy).
@@ -245,6 +260,11 @@ class CompiledPolicy:
         self.default = CompiledRule(
             len(self.rules), None, spec.default_class, spec.default_key, DEFAULT_RULE
         )
+        self.whoami = spec.whoami
+        self._resolve_all = spec.whoami is not None and spec.whoami.resolve is Resolve.ALL
+        if spec.whoami is not None:
+            for rule in (*self.rules, self.default):
+                rule.resolves = rule.key is KeyKind.USER
         self.rule_names = (*(r.name for r in self.rules), DEFAULT_RULE)
         self._by_group = {f"r{rule.index}": rule for rule in self.rules}
         rules = list(self.rules)
@@ -306,11 +326,31 @@ class CompiledPolicy:
                 return rule
         return self.default
 
-    def decide(self, request: Request) -> Decision:
-        """Route one request. Pure; never raises."""
+    def _user_key(self, request: Request, users: Users) -> tuple[str, str] | None:
+        """The user key, asking ``users`` for tokens that do not name their user."""
+        token = access_token(request.auth, request.query)
+        if not token:
+            return None
+        if not self._resolve_all:
+            localpart = syt_localpart(token)
+            if localpart:
+                return ("user", localpart)
+        user = users.user_for(token)
+        return ("user", user) if user else ("token", token)
+
+    def decide(self, request: Request, users: Users | None = None) -> Decision:
+        """Route one request. Pure but for ``users``; never raises.
+
+        With ``users`` (the agent's whoami cache) and a policy with a
+        ``whoami`` setting, ``user`` rules key opaque tokens by the user
+        ``users`` names; without, by the token.
+        """
         try:
             rule = self.match(request.method, request.path, request.query)
-            found = rule.extract(request)
+            if users is not None and rule.resolves:
+                found = self._user_key(request, users)
+            else:
+                found = rule.extract(request)
             if found is None:
                 return rule.keyless  # type: ignore[return-value]
             kind, source = found
@@ -346,30 +386,3 @@ class CompiledPolicy:
 def policy_version(content: bytes) -> str:
     """The short content hash that names a policy version."""
     return hashlib.sha256(content).hexdigest()[:12]
-
-
-def compile_policy(
-    content: bytes, source: str = "<policy>", memo_entries: int = MEMO_ENTRIES
-) -> CompiledPolicy:
-    """Parse, check and compile a policy; raise PolicyError with every problem.
-
-    ``memo_entries`` bounds each memo of the compiled policy; 0 turns them off.
-    """
-    try:
-        text = content.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        from .errors import LocatedError, PolicyError
-
-        line = content[: exc.start].count(b"\n") + 1
-        raise PolicyError(
-            [LocatedError(source, line, "$", "the policy file is not valid UTF-8")]
-        ) from None
-    spec = parse_policy(text, source)
-    return CompiledPolicy(spec, policy_version(content), memo_entries)
-
-
-def load_policy(path: str) -> CompiledPolicy:
-    """Read and compile a policy file."""
-    with open(path, "rb") as handle:
-        content = handle.read()
-    return compile_policy(content, path)

@@ -6,6 +6,11 @@ rename), compiles it, and only on success replaces the one reference the
 agent reads. A broken edit keeps the running policy and reports every
 problem with its place. Each content is tried once: a broken file is not
 re-reported every poll, and fixing it is picked up at the next poll.
+
+The files watched are the policy and every base it extends: each poll reads
+them and compares their bytes with those of the last attempt, so an edit of
+a base (or a new bundled policy after an upgrade) reloads the policies built
+on it too.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .compiled import CompiledPolicy, compile_policy, policy_version
-from .errors import LocatedError, PolicyError
+from .compiled import CompiledPolicy
+from .errors import PolicyError
+from .loader import FileSnapshot, load_policy, snapshot
 
 log = logging.getLogger("spoa.policy")
 
@@ -43,13 +49,13 @@ class PolicyHolder:
     ) -> None:
         self.path = path
         self._on_change = on_change
-        self.current: CompiledPolicy = self._initial()
+        self._files: FileSnapshot = {}
+        self.current: CompiledPolicy = load_policy(path, self._files)
         self.loaded_at = time.time()
         self.reloads_ok = 0
         self.reloads_failed = 0
         self.last_reload_ok = True
         self.last_error: str | None = None
-        self._last_seen = self.current.version
         log.info(
             "policy loaded: %s version %s, %d rules, %d classes",
             path,
@@ -58,42 +64,30 @@ class PolicyHolder:
             len(self.current.classes),
         )
 
-    def _initial(self) -> CompiledPolicy:
-        content = self._read()
-        return compile_policy(content, self.path)
-
-    def _read(self) -> bytes:
-        try:
-            with open(self.path, "rb") as handle:
-                return handle.read()
-        except OSError as exc:
-            raise PolicyError(
-                [LocatedError(self.path, 1, "$", f"cannot read: {exc.strerror or exc}")]
-            ) from None
+    @property
+    def files(self) -> list[str]:
+        """The files the running policy (or the last attempt) was read from."""
+        return list(self._files)
 
     def reload(self, force: bool = False) -> ReloadResult:
-        """Re-read the file; swap in its policy if it changed and is valid.
+        """Re-read the files; swap in the policy if it changed and is valid.
 
-        Without ``force`` a content already tried (loaded or rejected) is
-        skipped; SIGHUP forces a fresh attempt.
+        Without ``force`` files whose bytes were already tried (loaded or
+        rejected) are skipped; SIGHUP forces a fresh attempt.
         """
-        try:
-            content = self._read()
-        except PolicyError as exc:
-            return self._failed(tuple(str(e) for e in exc.errors), "unreadable", force)
-        version = policy_version(content)
-        if version == self.current.version:
-            self._last_seen = version
-            if force:
-                log.info("policy %s unchanged (version %s)", self.path, version)
-            return ReloadResult("unchanged", version)
-        if version == self._last_seen and not force:
+        if not force and snapshot([self.path, *self._files]) == self._files:
             return ReloadResult("unchanged", self.current.version)
-        self._last_seen = version
+        files: FileSnapshot = {}
         try:
-            policy = compile_policy(content, self.path)
+            policy = load_policy(self.path, files)
         except PolicyError as exc:
-            return self._failed(tuple(str(e) for e in exc.errors), version, True)
+            self._files = files
+            return self._failed(tuple(str(e) for e in exc.errors))
+        self._files = files
+        if policy.version == self.current.version:
+            if force:
+                log.info("policy %s unchanged (version %s)", self.path, policy.version)
+            return ReloadResult("unchanged", policy.version)
         previous = self.current.version
         self.current = policy
         self.loaded_at = time.time()
@@ -112,10 +106,7 @@ class PolicyHolder:
             self._on_change(self, result)
         return result
 
-    def _failed(self, errors: tuple[str, ...], seen: str, report: bool) -> ReloadResult:
-        if not report and seen == self._last_seen:
-            return ReloadResult("unchanged", self.current.version)
-        self._last_seen = seen
+    def _failed(self, errors: tuple[str, ...]) -> ReloadResult:
         self.reloads_failed += 1
         self.last_reload_ok = False
         self.last_error = "\n".join(errors)

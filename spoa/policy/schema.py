@@ -8,6 +8,7 @@ silently drops, are errors too. Every problem in the file is collected before
 Format (see docs/policy.md)::
 
     version: 1                      # required; the format version
+    extends: synapse-workers        # optional: a bundled policy by name, or a file
     seed: 0                         # optional; mmh3 seed of the hash keys
     classes:                        # worker classes; HAProxy backend be_<class>
       main: {description: ...}      #   (the value may also be empty)
@@ -19,14 +20,25 @@ Format (see docs/policy.md)::
         methods: [GET]              # optional
         path: '^/_matrix/client/(r0|v3)/sync$'   # a regex, or a list of them
         query: {present: [since]}   # optional: present / absent parameter names
+    whoami: {url: ...}              # optional: per-user keys for opaque tokens
+
+A policy that ``extends`` another starts from that policy (classes, default,
+seed, rules, whoami) and changes it: ``classes`` adds classes, ``default``,
+``seed`` and ``whoami`` replace the base's, and ``rules`` is a mapping of
+``before`` and ``after`` (rules added around the base's), ``replace`` (rules
+taking the place of the base rule of the same name) and ``drop`` (names of
+base rules to remove). Reading the base is the caller's job (see
+:mod:`spoa.policy.loader`): :func:`parse_policy` only asks for it by name.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
+from urllib.parse import urlsplit
 
 import yaml
 from yaml.constructor import SafeConstructor
@@ -55,6 +67,63 @@ NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9_.-]{1,48}$")
 _METHOD_PATTERN: Final = re.compile(r"^[A-Za-z]{1,20}$")
 _PARAM_PATTERN: Final = re.compile(r"^[^&=#\s]{1,64}$")
 _BACKREFERENCE: Final = re.compile(r"\\(?:[1-9]|g<)|\(\?P=")
+_DURATION: Final = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
+_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class Resolve(StrEnum):
+    """Which access tokens the whoami lookup resolves to their user."""
+
+    #: Tokens that do not name their user (everything but Synapse's ``syt_``).
+    OPAQUE = "opaque"
+    #: Every token, ``syt_`` ones included.
+    ALL = "all"
+
+
+@dataclass(frozen=True, slots=True)
+class WhoamiSpec:
+    """Per-user keys for opaque tokens: how to ask the homeserver who a token is.
+
+    Every field is a bound with a default (docs/policy.md, "Per-user keys for
+    opaque tokens"); durations are in seconds.
+    """
+
+    url: str
+    resolve: Resolve = Resolve.OPAQUE
+    #: How long the first request of a new token may wait for its lookup.
+    wait: float = 0.0
+    #: Time allowed to one lookup, connection included.
+    timeout: float = 2.0
+    #: How long a token's user is remembered.
+    ttl: float = 3600.0
+    #: How long a token the homeserver rejected (401/403) keeps its token key.
+    negative_ttl: float = 60.0
+    #: How long a token whose lookup failed (error, timeout) waits for a retry.
+    error_ttl: float = 10.0
+    #: Tokens with a known user, at most (oldest forgotten first).
+    max_entries: int = 50_000
+    #: Rejected or failed tokens remembered, at most.
+    max_negative_entries: int = 10_000
+    #: Lookups in flight at once; a new token finding none free keeps its token key.
+    max_concurrent: int = 4
+    #: Lookups started per second, at most (bursts of up to one second's worth).
+    max_per_second: float = 20.0
+
+
+#: (field, minimum, maximum) of the whoami durations.
+_WHOAMI_DURATIONS: Final = (
+    ("wait", 0.0, 0.05),
+    ("timeout", 0.01, 30.0),
+    ("ttl", 1.0, 7 * 86400.0),
+    ("negative_ttl", 1.0, 86400.0),
+    ("error_ttl", 0.1, 3600.0),
+)
+#: (field, minimum, maximum) of the whoami counts.
+_WHOAMI_COUNTS: Final = (
+    ("max_entries", 1, 10_000_000),
+    ("max_negative_entries", 1, 10_000_000),
+    ("max_concurrent", 1, 256),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,11 +137,17 @@ class RuleSpec:
     query_absent: tuple[str, ...]
     description: str
     line: int
+    #: The file the rule is written in (a base policy's, for inherited rules).
+    source: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class PolicySpec:
-    """A policy file, checked: every reference resolves, every regex compiles."""
+    """A policy file, checked: every reference resolves, every regex compiles.
+
+    For a policy that extends another, everything here is the result: the
+    base's classes and rules with this file's changes applied.
+    """
 
     source: str
     seed: int
@@ -81,6 +156,18 @@ class PolicySpec:
     default_class: str
     default_key: KeyKind
     rules: tuple[RuleSpec, ...]
+    whoami: WhoamiSpec | None = None
+    #: What ``extends`` named, or "".
+    extends: str = ""
+
+
+class BaseError(Exception):
+    """The base policy named by ``extends`` cannot be found or read, or extends in a cycle."""
+
+
+#: Given what ``extends`` names, the base policy, checked; raises BaseError,
+#: or PolicyError for errors inside the base.
+BaseLoader = Callable[[str], PolicySpec]
 
 
 class _Checker:
@@ -163,6 +250,50 @@ class _Checker:
             self.error(node, path, f"not an integer: {node.value!r}")
             return None
 
+    def number(self, node: Node, path: str, low: float, high: float) -> float | None:
+        if not isinstance(node, ScalarNode) or node.tag not in (
+            "tag:yaml.org,2002:int",
+            "tag:yaml.org,2002:float",
+        ):
+            self.error(node, path, f"expected a number, found {_kind(node)}")
+            return None
+        try:
+            value = float(node.value)
+        except ValueError:
+            self.error(node, path, f"not a number: {node.value!r}")
+            return None
+        if not low <= value <= high:
+            self.error(node, path, f"must be within {low:g}..{high:g}")
+            return None
+        return value
+
+    def duration(self, node: Node, path: str, low: float, high: float) -> float | None:
+        """Seconds: a number, or a string like ``50ms``, ``2s``, ``10m``, ``1h``."""
+        value: float | None = None
+        if isinstance(node, ScalarNode) and node.tag in (
+            "tag:yaml.org,2002:int",
+            "tag:yaml.org,2002:float",
+        ):
+            try:
+                value = float(node.value)
+            except ValueError:
+                value = None
+        elif isinstance(node, ScalarNode) and node.tag == "tag:yaml.org,2002:str":
+            found = _DURATION.match(node.value.strip())
+            if found:
+                value = float(found.group(1)) * _UNITS[found.group(2)]
+        if value is None:
+            self.error(
+                node,
+                path,
+                f"expected a duration (seconds, or 50ms, 2s, 10m, 1h), found {_kind(node)}",
+            )
+            return None
+        if not low <= value <= high:
+            self.error(node, path, f"must be within {_show(low)}..{_show(high)}")
+            return None
+        return value
+
     def name(self, node: Node, path: str, what: str) -> str | None:
         value = self.string(node, path)
         if value is not None and not NAME_PATTERN.match(value):
@@ -193,6 +324,10 @@ class _Checker:
             self.error(node, path, "backreferences are not supported in path patterns")
 
 
+def _show(seconds: float) -> str:
+    return f"{seconds * 1000:g}ms" if seconds < 1 else f"{seconds:g}s"
+
+
 def _kind(node: Node | None) -> str:
     if isinstance(node, MappingNode):
         return "a mapping"
@@ -204,8 +339,12 @@ def _kind(node: Node | None) -> str:
     return "nothing"
 
 
-def parse_policy(text: str, source: str = "<policy>") -> PolicySpec:
-    """Check a policy document; raise PolicyError listing every problem."""
+def parse_policy(text: str, source: str = "<policy>", base: BaseLoader | None = None) -> PolicySpec:
+    """Check a policy document; raise PolicyError listing every problem.
+
+    ``base`` loads the policy an ``extends`` names; without it, ``extends``
+    is an error.
+    """
     checker = _Checker(source)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -219,9 +358,12 @@ def parse_policy(text: str, source: str = "<policy>") -> PolicySpec:
     if root is None:
         raise PolicyError([LocatedError(source, 1, "$", "the policy file is empty")])
 
-    top = checker.mapping(
-        root, "$", {"version", "classes", "default", "rules"}, {"seed", "name", "description"}
+    extending = isinstance(root, MappingNode) and any(
+        isinstance(k, ScalarNode) and k.value == "extends" for k, _ in root.value
     )
+    required = {"version"} if extending else {"version", "classes", "default", "rules"}
+    optional = {"seed", "name", "description", "extends", "whoami", "classes", "default", "rules"}
+    top = checker.mapping(root, "$", required, optional - required)
     if top is None:
         raise PolicyError(checker.errors)
 
@@ -229,7 +371,16 @@ def parse_policy(text: str, source: str = "<policy>") -> PolicySpec:
         version = checker.integer(top["version"], "version")
         if version is not None and version != FORMAT_VERSION:
             checker.error(top["version"], "version", f"unsupported version {version} (expected 1)")
-    seed = 0
+
+    parent: PolicySpec | None = None
+    extends = ""
+    base_errors: list[LocatedError] = []
+    if "extends" in top:
+        parent, extends, base_errors = _base(checker, top["extends"], base)
+        if parent is None:
+            raise PolicyError([*sorted(checker.errors, key=lambda e: e.line), *base_errors])
+
+    seed = parent.seed if parent else 0
     if "seed" in top:
         seed_value = checker.integer(top["seed"], "seed")
         if seed_value is not None:
@@ -237,15 +388,26 @@ def parse_policy(text: str, source: str = "<policy>") -> PolicySpec:
                 checker.error(top["seed"], "seed", "must be within 0..4294967295")
             else:
                 seed = seed_value
-    name = ""
+    name = parent.name if parent else ""
     if "name" in top:
         name = checker.string(top["name"], "name") or ""
     if "description" in top:
         checker.string(top["description"], "description", allow_empty=True)
 
-    classes = _classes(checker, top.get("classes"))
-    default_class, default_key = _default(checker, top.get("default"), classes)
-    rules = _rules(checker, top.get("rules"), classes)
+    inherited = list(parent.classes) if parent else []
+    classes = inherited + _classes(checker, top.get("classes"), parent)
+    default_class, default_key = (
+        (parent.default_class, parent.default_key) if parent else (None, None)
+    )
+    if "default" in top or parent is None:
+        default_class, default_key = _default(checker, top.get("default"), classes)
+    if parent is None:
+        rules = _rules(checker, top.get("rules"), classes)
+    else:
+        rules = _rule_edits(checker, top.get("rules"), classes, parent)
+    whoami = parent.whoami if parent else None
+    if "whoami" in top:
+        whoami = _whoami(checker, top["whoami"])
 
     if checker.errors:
         raise PolicyError(sorted(checker.errors, key=lambda e: e.line))
@@ -258,15 +420,43 @@ def parse_policy(text: str, source: str = "<policy>") -> PolicySpec:
         default_class=default_class,
         default_key=default_key,
         rules=tuple(rules),
+        whoami=whoami,
+        extends=extends,
     )
 
 
-def _classes(checker: _Checker, node: Node | None) -> list[str]:
+def _base(
+    checker: _Checker, node: Node, base: BaseLoader | None
+) -> tuple[PolicySpec | None, str, list[LocatedError]]:
+    """The policy ``extends`` names, or None with the reason recorded."""
+    reference = checker.string(node, "extends")
+    if reference is None:
+        return None, "", []
+    if base is None:
+        checker.error(node, "extends", "extends needs a policy read from a file")
+        return None, reference, []
+    try:
+        return base(reference), reference, []
+    except BaseError as exc:
+        checker.error(node, "extends", str(exc))
+        return None, reference, []
+    except PolicyError as exc:
+        count = len(exc.errors)
+        checker.error(
+            node,
+            "extends",
+            f"the base policy {reference!r} has {count} error{'s' if count != 1 else ''}",
+        )
+        return None, reference, exc.errors
+
+
+def _classes(checker: _Checker, node: Node | None, parent: PolicySpec | None) -> list[str]:
     if node is None:
         return []
     if not isinstance(node, MappingNode) or not node.value:
         checker.error(node, "classes", "expected a mapping of class names (at least one)")
         return []
+    inherited = parent.classes if parent else ()
     classes: list[str] = []
     for key_node, value_node in node.value:
         path = f"classes.{getattr(key_node, 'value', '?')}"
@@ -275,6 +465,10 @@ def _classes(checker: _Checker, node: Node | None) -> list[str]:
             continue
         if name in classes:
             checker.error(key_node, path, "duplicate class")
+            continue
+        if name in inherited:
+            assert parent is not None
+            checker.error(key_node, path, f"class {name!r} is already declared in {parent.source}")
             continue
         classes.append(name)
         if isinstance(value_node, ScalarNode) and value_node.tag == "tag:yaml.org,2002:null":
@@ -318,89 +512,235 @@ def _rules(checker: _Checker, node: Node | None, classes: list[str]) -> list[Rul
     if not isinstance(node, SequenceNode):
         checker.error(node, "rules", f"expected a list of rules, found {_kind(node)}")
         return []
-    rules: list[RuleSpec] = []
     seen: dict[str, int] = {}
+    rules = []
     for i, rule_node in enumerate(node.value):
-        path = f"rules[{i}]"
-        fields = checker.mapping(
-            rule_node, path, {"name", "class", "path"}, {"key", "methods", "query", "description"}
-        )
-        if fields is None:
-            continue
-        ok = True
-        name = (
-            checker.name(fields["name"], f"{path}.name", "rule name") if "name" in fields else None
-        )
-        if name is not None:
-            if name in seen:
-                checker.error(
-                    fields["name"],
-                    f"{path}.name",
-                    f"duplicate rule name {name!r} (first at line {seen[name]})",
-                )
-                ok = False
-            else:
-                seen[name] = fields["name"].start_mark.line + 1
-        worker_class = (
-            _class_ref(checker, fields["class"], f"{path}.class", classes)
-            if "class" in fields
-            else None
-        )
-        key = checker.key_kind(fields["key"], f"{path}.key") if "key" in fields else KeyKind.NONE
-        patterns: list[str] = []
-        if "path" in fields:
-            items = checker.string_list(fields["path"], f"{path}.path", single_ok=True)
-            multiple = isinstance(fields["path"], SequenceNode)
-            for j, (pattern, item_node) in enumerate(items):
-                where = f"{path}.path[{j}]" if multiple else f"{path}.path"
-                checker.regex(pattern, item_node, where)
-                patterns.append(pattern)
-        methods: frozenset[str] | None = None
-        if "methods" in fields:
-            names = checker.string_list(fields["methods"], f"{path}.methods", single_ok=False)
-            for j, (method, item_node) in enumerate(names):
-                if not _METHOD_PATTERN.match(method):
-                    checker.error(item_node, f"{path}.methods[{j}]", f"bad method {method!r}")
-            methods = frozenset(m.upper() for m, _ in names)
-        present: list[str] = []
-        absent: list[str] = []
-        if "query" in fields:
-            query = checker.mapping(fields["query"], f"{path}.query", set(), {"present", "absent"})
-            if query is not None and not fields["query"].value:
-                checker.error(fields["query"], f"{path}.query", "give present or absent")
-            for which, target in (("present", present), ("absent", absent)):
-                if query and which in query:
-                    where = f"{path}.query.{which}"
-                    for j, (param, item_node) in enumerate(
-                        checker.string_list(query[which], where, single_ok=False)
-                    ):
-                        if not _PARAM_PATTERN.match(param):
-                            checker.error(item_node, f"{where}[{j}]", f"bad parameter {param!r}")
-                        target.append(param)
-            both = set(present) & set(absent)
-            if both:
-                checker.error(
-                    fields["query"],
-                    f"{path}.query",
-                    f"parameters both present and absent: {', '.join(sorted(both))}",
-                )
-        description = ""
-        if "description" in fields:
-            description = (
-                checker.string(fields["description"], f"{path}.description", allow_empty=True) or ""
-            )
-        if ok and name and worker_class and key is not None and patterns:
-            rules.append(
-                RuleSpec(
-                    name=name,
-                    worker_class=worker_class,
-                    key=key,
-                    paths=tuple(patterns),
-                    methods=methods,
-                    query_present=tuple(present),
-                    query_absent=tuple(absent),
-                    description=description,
-                    line=rule_node.start_mark.line + 1,
-                )
-            )
+        rule = _rule(checker, rule_node, f"rules[{i}]", classes, seen)
+        if rule is not None:
+            rules.append(rule)
     return rules
+
+
+def _rule_list(
+    checker: _Checker, node: Node, path: str, classes: list[str], seen: dict[str, int]
+) -> list[tuple[RuleSpec, Node, str]]:
+    """The rules of a list, each with its node and YAML path."""
+    if not isinstance(node, SequenceNode):
+        checker.error(node, path, f"expected a list of rules, found {_kind(node)}")
+        return []
+    rules = []
+    for i, rule_node in enumerate(node.value):
+        rule = _rule(checker, rule_node, f"{path}[{i}]", classes, seen)
+        if rule is not None:
+            rules.append((rule, rule_node, f"{path}[{i}].name"))
+    return rules
+
+
+def _rule_edits(
+    checker: _Checker, node: Node | None, classes: list[str], parent: PolicySpec
+) -> list[RuleSpec]:
+    """The base's rules with ``before``, ``after``, ``replace`` and ``drop`` applied."""
+    inherited = [rule.name for rule in parent.rules]
+    if node is None:
+        return list(parent.rules)
+    if isinstance(node, SequenceNode):
+        checker.error(
+            node,
+            "rules",
+            "a policy that extends another changes its rules with a mapping of "
+            "before, after, replace and drop, not a list",
+        )
+        return []
+    fields = checker.mapping(node, "rules", set(), {"before", "after", "replace", "drop"})
+    if fields is None:
+        return []
+    known = ", ".join(inherited) or "none"
+    dropped: dict[str, Node] = {}
+    if "drop" in fields:
+        for j, (name, item) in enumerate(
+            checker.string_list(fields["drop"], "rules.drop", single_ok=False)
+        ):
+            if name not in inherited:
+                checker.error(
+                    item,
+                    f"rules.drop[{j}]",
+                    f"no rule {name!r} to drop in {parent.source} (its rules: {known})",
+                )
+            elif name in dropped:
+                checker.error(item, f"rules.drop[{j}]", f"rule {name!r} is dropped twice")
+            else:
+                dropped[name] = item
+    seen: dict[str, int] = {}
+    replaced: dict[str, RuleSpec] = {}
+    if "replace" in fields:
+        for rule, rule_node, where in _rule_list(
+            checker, fields["replace"], "rules.replace", classes, seen
+        ):
+            if rule.name not in inherited:
+                checker.error(
+                    rule_node,
+                    where,
+                    f"no rule {rule.name!r} to replace in {parent.source} (its rules: {known})",
+                )
+            elif rule.name in dropped:
+                checker.error(rule_node, where, f"rule {rule.name!r} is both replaced and dropped")
+            else:
+                replaced[rule.name] = rule
+    added: dict[str, list[RuleSpec]] = {"before": [], "after": []}
+    for place, target in added.items():
+        if place not in fields:
+            continue
+        for rule, rule_node, where in _rule_list(
+            checker, fields[place], f"rules.{place}", classes, seen
+        ):
+            if rule.name in inherited and rule.name not in dropped:
+                checker.error(
+                    rule_node,
+                    where,
+                    f"rule name {rule.name!r} is already used in {parent.source}: "
+                    "replace it, or drop it first",
+                )
+            else:
+                target.append(rule)
+    kept = [replaced.get(r.name, r) for r in parent.rules if r.name not in dropped]
+    return [*added["before"], *kept, *added["after"]]
+
+
+def _rule(
+    checker: _Checker, rule_node: Node, path: str, classes: list[str], seen: dict[str, int]
+) -> RuleSpec | None:
+    """One rule; ``seen`` maps the rule names met so far in this file to their lines."""
+    fields = checker.mapping(
+        rule_node, path, {"name", "class", "path"}, {"key", "methods", "query", "description"}
+    )
+    if fields is None:
+        return None
+    ok = True
+    name = checker.name(fields["name"], f"{path}.name", "rule name") if "name" in fields else None
+    if name is not None:
+        if name in seen:
+            checker.error(
+                fields["name"],
+                f"{path}.name",
+                f"duplicate rule name {name!r} (first at line {seen[name]})",
+            )
+            ok = False
+        else:
+            seen[name] = fields["name"].start_mark.line + 1
+    worker_class = (
+        _class_ref(checker, fields["class"], f"{path}.class", classes)
+        if "class" in fields
+        else None
+    )
+    key = checker.key_kind(fields["key"], f"{path}.key") if "key" in fields else KeyKind.NONE
+    patterns: list[str] = []
+    if "path" in fields:
+        items = checker.string_list(fields["path"], f"{path}.path", single_ok=True)
+        multiple = isinstance(fields["path"], SequenceNode)
+        for j, (pattern, item_node) in enumerate(items):
+            where = f"{path}.path[{j}]" if multiple else f"{path}.path"
+            checker.regex(pattern, item_node, where)
+            patterns.append(pattern)
+    methods: frozenset[str] | None = None
+    if "methods" in fields:
+        names = checker.string_list(fields["methods"], f"{path}.methods", single_ok=False)
+        for j, (method, item_node) in enumerate(names):
+            if not _METHOD_PATTERN.match(method):
+                checker.error(item_node, f"{path}.methods[{j}]", f"bad method {method!r}")
+        methods = frozenset(m.upper() for m, _ in names)
+    present: list[str] = []
+    absent: list[str] = []
+    if "query" in fields:
+        query = checker.mapping(fields["query"], f"{path}.query", set(), {"present", "absent"})
+        if query is not None and not fields["query"].value:
+            checker.error(fields["query"], f"{path}.query", "give present or absent")
+        for which, target in (("present", present), ("absent", absent)):
+            if query and which in query:
+                where = f"{path}.query.{which}"
+                for j, (param, item_node) in enumerate(
+                    checker.string_list(query[which], where, single_ok=False)
+                ):
+                    if not _PARAM_PATTERN.match(param):
+                        checker.error(item_node, f"{where}[{j}]", f"bad parameter {param!r}")
+                    target.append(param)
+        both = set(present) & set(absent)
+        if both:
+            checker.error(
+                fields["query"],
+                f"{path}.query",
+                f"parameters both present and absent: {', '.join(sorted(both))}",
+            )
+    description = ""
+    if "description" in fields:
+        description = (
+            checker.string(fields["description"], f"{path}.description", allow_empty=True) or ""
+        )
+    if not (ok and name and worker_class and key is not None and patterns):
+        return None
+    return RuleSpec(
+        name=name,
+        worker_class=worker_class,
+        key=key,
+        paths=tuple(patterns),
+        methods=methods,
+        query_present=tuple(present),
+        query_absent=tuple(absent),
+        description=description,
+        line=rule_node.start_mark.line + 1,
+        source=checker.source,
+    )
+
+
+def _whoami(checker: _Checker, node: Node) -> WhoamiSpec | None:
+    optional = {"resolve", "max_per_second"}
+    optional |= {name for name, _, _ in (*_WHOAMI_DURATIONS, *_WHOAMI_COUNTS)}
+    fields = checker.mapping(node, "whoami", {"url"}, optional)
+    if fields is None:
+        return None
+    ok = True
+    url = checker.string(fields["url"], "whoami.url") if "url" in fields else None
+    if url is not None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            checker.error(fields["url"], "whoami.url", f"expected an http(s) URL, not {url!r}")
+            ok = False
+        elif parts.query or parts.fragment or parts.username or parts.password:
+            checker.error(
+                fields["url"], "whoami.url", "the URL takes no query, fragment or credentials"
+            )
+            ok = False
+    settings: dict[str, object] = {}
+    if "resolve" in fields:
+        value = checker.string(fields["resolve"], "whoami.resolve")
+        try:
+            settings["resolve"] = Resolve(value or "")
+        except ValueError:
+            if value is not None:
+                checker.error(
+                    fields["resolve"], "whoami.resolve", f"expected opaque or all, not {value!r}"
+                )
+            ok = False
+    for field_name, low, high in _WHOAMI_DURATIONS:
+        if field_name in fields:
+            seconds = checker.duration(fields[field_name], f"whoami.{field_name}", low, high)
+            ok = ok and seconds is not None
+            settings[field_name] = seconds
+    for field_name, low_count, high_count in _WHOAMI_COUNTS:
+        if field_name in fields:
+            count = checker.integer(fields[field_name], f"whoami.{field_name}")
+            if count is not None and not low_count <= count <= high_count:
+                checker.error(
+                    fields[field_name],
+                    f"whoami.{field_name}",
+                    f"must be within {low_count}..{high_count}",
+                )
+                count = None
+            ok = ok and count is not None
+            settings[field_name] = count
+    if "max_per_second" in fields:
+        rate = checker.number(fields["max_per_second"], "whoami.max_per_second", 0.1, 10_000.0)
+        ok = ok and rate is not None
+        settings["max_per_second"] = rate
+    if not ok or url is None:
+        return None
+    return WhoamiSpec(url=url, **settings)  # type: ignore[arg-type]

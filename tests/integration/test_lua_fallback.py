@@ -47,7 +47,7 @@ SOURCES = tuple(f"127.0.0.{n}" for n in range(2, 10))
 
 #: The Python rules behind each fallback family, per policy.
 WORKER_RULES = {
-    "sync": {"sync"},
+    "sync": {"sync", "sliding_sync"},
     "initial_sync": {"initial_sync", "initial_sync_legacy"},
     "federation_inbound": {"federation_inbound"},
     "federation_reader": {"federation_reader"},
@@ -55,7 +55,7 @@ WORKER_RULES = {
     "event_sending": {"event_sending"},
 }
 SIMPLE_RULES = {family: {"default"} for family in FAMILIES} | {
-    "sync": {"sync"},
+    "sync": {"sync", "sliding_sync"},
     "initial_sync": {"sync"},
 }
 
@@ -384,6 +384,10 @@ def _sync_cases() -> list[Case]:
         cases.append(
             Case("GET", b"/_matrix/client/r0/sync?since=s9&access_token=" + token.encode())
         )
+        # Native sliding sync: with or without a position, the sync family.
+        cases.append(Case("POST", SLIDING_SYNC + b"?pos=12&timeout=30000", bearer))
+        cases.append(Case("POST", SLIDING_SYNC, bearer))
+        cases.append(Case("POST", SLIDING_SYNC + b"?access_token=" + token.encode()))
     queries = (
         b"since=",
         b"since",
@@ -456,9 +460,19 @@ def _sync_cases() -> list[Case]:
         b"/_matrix/client/v3/initialSync/x",
         b"/_matrix/client/v3/rooms//initialSync",
         b"/_matrix/client/v3/rooms/a/b/initialSync",
+        # Near misses of native sliding sync: rest.
+        SLIDING_SYNC + b"/",
+        b"/_matrix/client/unstable/org.matrix.msc3575/sync",
+        b"/_matrix/client/v3/org.matrix.simplified_msc3575/sync",
+        b"/_matrix/client/unstable/org.matrix.simplified_msc3575/syncx",
+        b"/_matrix/client/unstable/org.matrix.simplified_msc3575",
     ):
         cases.append(Case("GET", path, alice))
+        cases.append(Case("POST", path, alice))
     return cases
+
+
+SLIDING_SYNC = b"/_matrix/client/unstable/org.matrix.simplified_msc3575/sync"
 
 
 ROOMS = (

@@ -25,6 +25,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 SYNAPSE = ROOT / "policies" / "synapse-workers.yaml"
 SIMPLE = ROOT / "policies" / "simple.yaml"
+MAS = ROOT / "policies" / "synapse-workers-mas.yaml"
 TOKEN = "syt_YWxpY2U_abcdefghijklmnopqrst_1a2b3c"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 XMATRIX = {"Authorization": 'X-Matrix origin="remote.example",key="ed25519:a",sig="c2ln"'}
@@ -53,7 +54,15 @@ SYNAPSE_SAMPLES = {
     "presence": req("PUT", "/_matrix/client/v3/presence/@alice:x/status"),
     "push_rules": req("GET", "/_matrix/client/v3/pushrules/"),
     "device_lists": req("GET", "/_matrix/client/v3/devices"),
+    "thread_subscriptions": req(
+        "PUT", "/_matrix/client/unstable/io.element.msc4306/rooms/!r:x/thread/%24e/subscription"
+    ),
+    "quarantined_media_changes": req("POST", "/_synapse/admin/v1/media/quarantine/example.org/abc"),
 }
+#: Native sliding sync (Element X) takes the sync workers, as v2 sync does.
+SLIDING_SYNC = req(
+    "POST", "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync?pos=1&timeout=30000"
+)
 SIMPLE_SAMPLES = {
     "sync": req("GET", "/_matrix/client/v3/sync?since=s1_2"),
     "generic": req("PUT", "/_matrix/client/v3/rooms/!r:x/send/m.room.message/t1"),
@@ -89,6 +98,39 @@ def test_every_class_of_synapse_workers_reaches_its_backend(
         assert fields["via"] == "agent"
         assert fields["class"] == worker_class
         assert fields["backend_server"].startswith(f"be_{worker_class}/")
+
+
+def test_native_sliding_sync_reaches_the_sync_workers_by_agent_and_by_fallback(
+    synapse_stack: StackRunner[DemoStack],
+) -> None:
+    outcome, fields = sent(synapse_stack, SLIDING_SYNC)
+    assert (outcome.worker_class, fields["rule"], fields["via"]) == (
+        "synchrotron",
+        "sliding_sync",
+        "agent",
+    )
+    v2, _ = sent(synapse_stack, SYNAPSE_SAMPLES["synchrotron"])
+    assert outcome.worker == v2.worker, "one user, one sync worker, whichever sync"
+
+
+def test_with_mas_login_logout_and_refresh_reach_mas_and_never_main(tmp_path: Path) -> None:
+    targets = ("/login", "/logout", "/logout/all", "/refresh", "/login/sso/redirect")
+    requests = [req("POST", f"/_matrix/client/v3{t}") for t in targets]
+    with running_stack(tmp_path, MAS) as runner:
+        for request in requests:
+            outcome, fields = sent(runner, request)
+            assert (outcome.status, outcome.worker_class) == (200, "mas"), request
+            assert fields["backend_server"].startswith("be_mas/")
+        other, _ = sent(runner, SYNAPSE_SAMPLES["client_reader"])
+        assert other.worker_class == "client_reader"
+        # MAS down: no fallback to Synapse's main process, which would 404.
+        runner.call(runner.stack.stop_class("mas"))
+        deadline = time.monotonic() + 15
+        while (outcome := runner.send(requests[0])).status == 200:
+            assert outcome.worker_class == "mas", outcome
+            assert time.monotonic() < deadline, "be_mas never noticed MAS was down"
+            time.sleep(0.1)
+        assert outcome.status == 503
 
 
 def test_every_class_of_simple_reaches_its_backend(tmp_path: Path) -> None:

@@ -103,7 +103,7 @@ ERRORS = {
         MINIMAL + "extra: 1\n",
         [
             "p.yaml:5: extra: unknown key 'extra' (allowed: classes, default, description, "
-            "name, rules, seed, version)"
+            "extends, name, rules, seed, version, whoami)"
         ],
     ),
     "duplicate top-level key": (
