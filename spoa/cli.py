@@ -19,7 +19,7 @@ from .demo.workers import WorkerSpec, start_workers
 from .haproxycfg import check_haproxy, format_report
 from .httpd import HttpServer
 from .metrics import AgentCollector, build_registry
-from .policy import CompiledPolicy, Decision, PolicyError, Request, load_policy
+from .policy import CompiledPolicy, Decision, PolicyError, Request, WhoamiSpec, load_policy
 from .policy.reload import PolicyHolder
 from .routing import RouteHandler
 from .server import Handler, Limits, SpopServer, parse_listen, static_handler
@@ -27,6 +27,7 @@ from .spop import Scope, SetVar
 from .stats import DecisionStats
 from .status import StatusApp
 from .traffic import Deployment, generate
+from .whoami import WhoamiResolver, WhoamiStats
 
 log = logging.getLogger("spoa")
 
@@ -169,6 +170,11 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="read requests as JSON lines ({method, path, headers, src}) from stdin",
     )
+    explain.add_argument(
+        "--no-whoami",
+        action="store_true",
+        help="with a policy's whoami setting, do not ask the homeserver who opaque tokens are",
+    )
     return parser
 
 
@@ -206,6 +212,7 @@ async def _serve(args: argparse.Namespace) -> int:
     holder: PolicyHolder | None = None
     handler: Handler
     decisions = DecisionStats()
+    whoami = WhoamiStats()
     if args.policy:
         try:
             holder = PolicyHolder(args.policy)
@@ -215,7 +222,7 @@ async def _serve(args: argparse.Namespace) -> int:
                 "\n  ".join(str(e) for e in exc.errors),
             )
             return 1
-        handler = RouteHandler(holder, decisions)
+        handler = RouteHandler(holder, decisions, whoami=whoami)
     else:
         handler = static_handler(
             (
@@ -225,8 +232,8 @@ async def _serve(args: argparse.Namespace) -> int:
             )
         )
     server = SpopServer(handler, limits)
-    registry = build_registry(AgentCollector(server.stats, decisions, holder))
-    status = StatusApp(server, decisions, holder, registry)
+    registry = build_registry(AgentCollector(server.stats, decisions, holder, whoami))
+    status = StatusApp(server, decisions, holder, registry, whoami)
     http: HttpServer | None = None
     try:
         if args.http != "off":
@@ -263,6 +270,8 @@ async def _serve(args: argparse.Namespace) -> int:
         watcher.cancel()
     sampler.cancel()
     await server.drain()
+    if isinstance(handler, RouteHandler):
+        await handler.close()
     if http is not None:
         await http.stop()
     log.info("stopped")
@@ -280,9 +289,6 @@ def _check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             print(error, file=err)
         count = len(exc.errors)
         print(f"{args.policy}: {count} error{'s' if count != 1 else ''}", file=err)
-        return 1
-    except OSError as exc:
-        print(f"{args.policy}: cannot read: {exc.strerror or exc}", file=err)
         return 1
     patterns = sum(len(rule.spec.paths) for rule in policy.rules if rule.spec)
     print(
@@ -355,18 +361,21 @@ def _demo(args: argparse.Namespace) -> int:
 # -- explain -----------------------------------------------------------------------
 
 
-def _decision_json(decision: Decision) -> str:
-    return json.dumps(
-        {
-            "class": decision.worker_class,
-            "key_kind": decision.key_kind,
-            "key_source": decision.key_source,
-            "key": decision.key,
-            "rule": decision.rule,
-            "policy": decision.policy,
-        },
-        ensure_ascii=False,
-    )
+def _decision_json(decision: Decision, whoami: str | None = None) -> str:
+    answer: dict[str, object] = {
+        "class": decision.worker_class,
+        "key_kind": decision.key_kind,
+        "key_source": decision.key_source,
+        "key": decision.key,
+        "rule": decision.rule,
+        "policy": decision.policy,
+    }
+    if whoami is not None:
+        # The user came from (or was looked for at) the homeserver's whoami.
+        answer["whoami"] = whoami
+        if whoami == "user" and decision.key_kind == "user":
+            answer["key_via"] = "whoami"
+    return json.dumps(answer, ensure_ascii=False)
 
 
 def _request(method: str, target: str, headers: dict[str, str], src: str | None) -> Request:
@@ -379,20 +388,19 @@ def _request(method: str, target: str, headers: dict[str, str], src: str | None)
     return Request(method.upper(), path, query if mark else None, auth, address)
 
 
-def _explain_one(policy: CompiledPolicy, args: argparse.Namespace, out: TextIO) -> int:
+def _one_request(args: argparse.Namespace) -> Request:
     headers: dict[str, str] = {}
     for header in args.header:
         name, sep, value = header.partition(":")
         if not sep:
             raise ValueError(f"header {header!r} is not 'Name: value'")
         headers[name] = value.strip()
-    request = _request(args.method, args.target, headers, args.src)
-    print(_decision_json(policy.decide(request)), file=out)
-    return 0
+    return _request(args.method, args.target, headers, args.src)
 
 
-def _explain_lines(policy: CompiledPolicy, source: TextIO, out: TextIO) -> int:
-    failures = 0
+def _jsonl_requests(source: TextIO) -> list[Request | str]:
+    """A request per line, or the error of a line that is not one."""
+    items: list[Request | str] = []
     for number, line in enumerate(source, 1):
         if not line.strip():
             continue
@@ -411,12 +419,78 @@ def _explain_lines(policy: CompiledPolicy, source: TextIO, out: TextIO) -> int:
                 raise ValueError("headers must be an object of strings")
             if src is not None and not isinstance(src, str):
                 raise ValueError("src must be a string")
-            request = _request(method, target, headers, src)
+            items.append(_request(method, target, headers, src))
         except ValueError as exc:
+            items.append(f"line {number}: {exc}")
+    return items
+
+
+class _Asked:
+    """Users for a first pass: records the tokens a decision would look up."""
+
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+
+    def user_for(self, token: str) -> str | None:
+        self.tokens.append(token)
+        return None
+
+
+class _Answers:
+    """Users for the second pass: the answers of the lookups, by token."""
+
+    def __init__(self, found: dict[str, tuple[str, str | None]]) -> None:
+        self.found = found
+        self.asked: str | None = None
+
+    def user_for(self, token: str) -> str | None:
+        result, user = self.found.get(token, ("error", None))
+        self.asked = result
+        return user
+
+
+def _look_up(spec: WhoamiSpec, tokens: set[str]) -> dict[str, tuple[str, str | None]]:
+    """Each token's (result, user), asked of the homeserver max_concurrent at a time."""
+
+    async def run() -> dict[str, tuple[str, str | None]]:
+        resolver = WhoamiResolver(spec)
+        slots = asyncio.Semaphore(spec.max_concurrent)
+
+        async def one(token: str) -> tuple[str, tuple[str, str | None]]:
+            async with slots:
+                return token, await resolver.lookup(token)
+
+        try:
+            return dict(await asyncio.gather(*(one(t) for t in sorted(tokens))))
+        finally:
+            await resolver.close()
+
+    return asyncio.run(run())
+
+
+def _explain_all(
+    policy: CompiledPolicy, items: list[Request | str], whoami: bool, out: TextIO
+) -> int:
+    """Print a decision (or an error) per item; with ``whoami``, look opaque tokens up."""
+    answers: _Answers | None = None
+    if whoami and policy.whoami is not None:
+        asked = _Asked()
+        for item in items:
+            if isinstance(item, Request):
+                policy.decide(item, asked)
+        answers = _Answers(_look_up(policy.whoami, set(asked.tokens)) if asked.tokens else {})
+    failures = 0
+    for item in items:
+        if isinstance(item, str):
             failures += 1
-            print(json.dumps({"error": f"line {number}: {exc}"}), file=out)
+            print(json.dumps({"error": item}), file=out)
             continue
-        print(_decision_json(policy.decide(request)), file=out)
+        if answers is None:
+            print(_decision_json(policy.decide(item)), file=out)
+            continue
+        answers.asked = None
+        decision = policy.decide(item, answers)
+        print(_decision_json(decision, answers.asked), file=out)
     return 1 if failures else 0
 
 
@@ -427,22 +501,20 @@ def _explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         for error in exc.errors:
             print(error, file=err)
         return 1
-    except OSError as exc:
-        print(f"{args.policy}: cannot read: {exc.strerror or exc}", file=err)
-        return 1
     if args.jsonl:
         if args.method or args.target:
             print("spoa explain: give either METHOD PATH or --jsonl, not both", file=err)
             return 2
-        return _explain_lines(policy, sys.stdin, out)
+        return _explain_all(policy, _jsonl_requests(sys.stdin), not args.no_whoami, out)
     if not args.method or not args.target:
         print("spoa explain: METHOD and PATH are required (or --jsonl)", file=err)
         return 2
     try:
-        return _explain_one(policy, args, out)
+        request = _one_request(args)
     except ValueError as exc:
         print(f"spoa explain: {exc}", file=err)
         return 2
+    return _explain_all(policy, [request], not args.no_whoami, out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

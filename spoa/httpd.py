@@ -19,6 +19,7 @@ MAX_BODY: Final = 16 * 1024 * 1024
 _REASONS: Final = {
     200: "OK",
     400: "Bad Request",
+    401: "Unauthorized",
     404: "Not Found",
     405: "Method Not Allowed",
     503: "Service Unavailable",

@@ -30,6 +30,7 @@ from .policy.reload import PolicyHolder
 from .server import ServerStats
 from .spop import Status
 from .stats import LATENCY_BOUNDS_NS, LATENCY_SAMPLE, DecisionStats
+from .whoami import RESULTS, SKIPS, WhoamiStats
 
 _STATUS_NAMES: Final = {int(s): s.name.lower() for s in Status}
 
@@ -42,16 +43,19 @@ class AgentCollector(Collector):
         server: ServerStats,
         decisions: DecisionStats,
         holder: PolicyHolder | None,
+        whoami: WhoamiStats | None = None,
     ) -> None:
         self.server = server
         self.decisions = decisions
         self.holder = holder
+        self.whoami = whoami
         self.started = time.time()
 
     def collect(self) -> Iterator[Metric]:
         yield from self._decisions()
         yield from self._spop()
         yield from self._policy()
+        yield from self._whoami()
         build = InfoMetricFamily("spoa_build", "The agent's version and runtime.")
         build.add_metric([], {"version": __version__, "python": platform.python_version()})
         yield build
@@ -172,6 +176,51 @@ class AgentCollector(Collector):
         )
         yield GaugeMetricFamily(
             "spoa_policy_rules", "Rules in the running policy.", value=len(policy.rules)
+        )
+
+    def _whoami(self) -> Iterator[Metric]:
+        stats = self.whoami
+        if stats is None:
+            return
+        lookups = CounterMetricFamily(
+            "spoa_whoami_lookups",
+            "Lookups of the user of an opaque access token, by result.",
+            labels=["result"],
+        )
+        for result in RESULTS:
+            lookups.add_metric([result], stats.lookups[result])
+        yield lookups
+        skipped = CounterMetricFamily(
+            "spoa_whoami_lookups_skipped",
+            "Lookups not started for a new token (it kept its token key), by reason.",
+            labels=["reason"],
+        )
+        for reason in SKIPS:
+            skipped.add_metric([reason], stats.skipped[reason])
+        yield skipped
+        cache = CounterMetricFamily(
+            "spoa_whoami_cache_requests",
+            "Decisions that asked the whoami cache for a token's user, by result.",
+            labels=["result"],
+        )
+        cache.add_metric(["hit"], stats.hits)
+        cache.add_metric(["rejected"], stats.negative_hits)
+        cache.add_metric(["miss"], stats.misses)
+        yield cache
+        resolver = stats.resolver
+        users, rejected = resolver.entries() if resolver is not None else (0, 0)
+        entries = GaugeMetricFamily(
+            "spoa_whoami_cache_entries",
+            "Tokens in the whoami cache: with a known user, or rejected/failed.",
+            labels=["kind"],
+        )
+        entries.add_metric(["user"], users)
+        entries.add_metric(["rejected"], rejected)
+        yield entries
+        yield GaugeMetricFamily(
+            "spoa_whoami_lookups_in_flight",
+            "Whoami lookups waiting for the homeserver now.",
+            value=resolver.in_flight if resolver is not None else 0,
         )
 
 

@@ -11,16 +11,20 @@ token or any other key source never leaves the agent.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from bisect import bisect_left
+from collections.abc import Coroutine
 from ipaddress import IPv4Address, IPv6Address
 from time import perf_counter_ns
-from typing import Final
+from typing import Any, Final
 
-from .policy import DEFAULT_RULE, ERROR_RULE, CompiledPolicy, Request
+from .matrix import access_token
+from .policy import DEFAULT_RULE, ERROR_RULE, CompiledPolicy, Decision, Request
 from .policy.reload import PolicyHolder
 from .spop import Notify, Scope, SetVar, encode_action, encode_actions
 from .stats import LATENCY_BOUNDS_NS, LATENCY_SAMPLE, DecisionStats
+from .whoami import WhoamiResolver, WhoamiStats
 
 log = logging.getLogger("spoa.routing")
 
@@ -45,20 +49,37 @@ def _actions_for(policy: CompiledPolicy, rule: str, worker_class: str) -> tuple[
 
 
 class RouteHandler:
-    """SPOP handler deciding with the running policy of a :class:`PolicyHolder`."""
+    """SPOP handler deciding with the running policy of a :class:`PolicyHolder`.
+
+    When the running policy has a ``whoami`` setting, the handler keeps its
+    :class:`~spoa.whoami.WhoamiResolver` (one per setting: a reload that
+    keeps the setting keeps the cache). With a ``wait`` in that setting, a
+    request whose token is being looked up is answered when the lookup ends
+    or the wait runs out, whichever comes first; every other request is
+    answered at once.
+    """
 
     def __init__(
-        self, holder: PolicyHolder, stats: DecisionStats | None = None, count: bool = True
+        self,
+        holder: PolicyHolder,
+        stats: DecisionStats | None = None,
+        count: bool = True,
+        whoami: WhoamiStats | None = None,
     ) -> None:
         """``count=False`` skips the metrics counters (for measuring what they cost)."""
         self.holder = holder
         self.stats = stats if stats is not None else DecisionStats()
+        self.whoami = whoami if whoami is not None else WhoamiStats()
         self._count = count
         self._tick = 0
         self._policy: CompiledPolicy | None = None
         self._encoded: dict[str, tuple[bytes, bytes]] = {}
+        self._resolver: WhoamiResolver | None = None
+        #: Rules whose requests may wait for a lookup (empty without a wait).
+        self._waiting_rules: frozenset[str] = frozenset()
         # Checked once: debug logging of decisions costs nothing when off.
         self._debug = log.isEnabledFor(logging.DEBUG)
+        self._closing: set[asyncio.Task[None]] = set()
 
     def _prepare(self, policy: CompiledPolicy) -> dict[str, tuple[bytes, bytes]]:
         encoded = {
@@ -68,20 +89,44 @@ class RouteHandler:
         encoded[ERROR_RULE] = _actions_for(policy, ERROR_RULE, policy.default.worker_class)
         self._policy = policy
         self._encoded = encoded
+        self._use_whoami(policy)
         return encoded
 
-    def __call__(self, event: Notify) -> bytes:
+    def _use_whoami(self, policy: CompiledPolicy) -> None:
+        """Keep, replace or drop the resolver to match the running policy."""
+        spec = policy.whoami
+        old = self._resolver
+        if old is not None and old.spec == spec:
+            return
+        if old is not None:
+            task = asyncio.get_running_loop().create_task(old.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        self._resolver = WhoamiResolver(spec, self.whoami) if spec is not None else None
+        self.whoami.resolver = self._resolver
+        waits = spec is not None and spec.wait > 0
+        self._waiting_rules = frozenset(
+            rule.name for rule in (*policy.rules, policy.default) if waits and rule.resolves
+        )
+
+    async def close(self) -> None:
+        """Stop the whoami lookups (at shutdown)."""
+        if self._resolver is not None:
+            await self._resolver.close()
+        for task in list(self._closing):
+            await task
+
+    def __call__(self, event: Notify) -> bytes | Coroutine[Any, Any, bytes]:
         for message in event.messages:
             if message.name == MESSAGE:
                 break
         else:
             self.stats.unrouted += 1
             return b""
-        count = self._count
         # Latency is sampled, one decision in LATENCY_SAMPLE: timing each one
         # would cost more than deciding some of them.
         self._tick = tick = (self._tick + 1) % LATENCY_SAMPLE
-        started = perf_counter_ns() if count and not tick else 0
+        started = perf_counter_ns() if self._count and not tick else 0
         args = message.args
         method = args.get("method")
         path = args.get("path")
@@ -97,11 +142,41 @@ class RouteHandler:
         )
         policy = self.holder.current
         encoded = self._encoded if policy is self._policy else self._prepare(policy)
-        decision = policy.decide(request)
+        resolver = self._resolver
+        decision = policy.decide(request, resolver)
+        if decision.rule in self._waiting_rules and decision.key_kind == "token":
+            assert resolver is not None
+            token = access_token(request.auth, request.query)
+            lookup = resolver.pending(token) if token else None
+            if lookup is not None:
+                return self._after(lookup, request, policy, encoded, resolver, started)
+        return self._answer(decision, encoded, started, request)
+
+    async def _after(
+        self,
+        lookup: asyncio.Task[tuple[str, str | None]],
+        request: Request,
+        policy: CompiledPolicy,
+        encoded: dict[str, tuple[bytes, bytes]],
+        resolver: WhoamiResolver,
+        started: int,
+    ) -> bytes:
+        """Answer once the token's lookup is in, or its wait is over."""
+        # wait() neither raises for the lookup's outcome nor cancels it.
+        await asyncio.wait((lookup,), timeout=resolver.spec.wait)
+        return self._answer(policy.decide(request, resolver), encoded, started, request)
+
+    def _answer(
+        self,
+        decision: Decision,
+        encoded: dict[str, tuple[bytes, bytes]],
+        started: int,
+        request: Request,
+    ) -> bytes:
         backend, tail = encoded.get(decision.rule) or encoded[DEFAULT_RULE]
         key = decision.key
         answer = backend + tail if key is None else backend + _KEY_HEAD + key.encode("ascii") + tail
-        if count:
+        if self._count:
             stats = self.stats
             counts = stats.counts
             label = decision.label

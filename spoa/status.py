@@ -24,6 +24,7 @@ from .policy import DEFAULT_RULE
 from .policy.reload import PolicyHolder
 from .server import SpopServer
 from .stats import DecisionStats
+from .whoami import WhoamiStats
 
 #: Rates on the status page are over this window (seconds).
 WINDOW: Final = 60.0
@@ -80,8 +81,10 @@ class StatusApp:
         decisions: DecisionStats,
         holder: PolicyHolder | None,
         registry: CollectorRegistry,
+        whoami: WhoamiStats | None = None,
     ) -> None:
         self.server = server
+        self.whoami = whoami
         self.decisions = decisions
         self.holder = holder
         self.registry = registry
@@ -163,6 +166,26 @@ class StatusApp:
             },
             "protocol_errors": {str(k): v for k, v in sorted(stats.protocol_errors.items())},
             "handler_errors": stats.handler_errors,
+            "whoami": self._whoami(),
+        }
+
+    def _whoami(self) -> dict[str, Any] | None:
+        """The whoami cache in numbers (never a token), or None when off."""
+        stats = self.whoami
+        resolver = stats.resolver if stats is not None else None
+        if stats is None or resolver is None:
+            return None
+        users, rejected = resolver.entries()
+        return {
+            "url": resolver.spec.url,
+            "resolve": resolver.spec.resolve.value,
+            "users_cached": users,
+            "rejected_cached": rejected,
+            "in_flight": resolver.in_flight,
+            "hits": stats.hits,
+            "misses": stats.misses,
+            "lookups": dict(stats.lookups),
+            "skipped": dict(stats.skipped),
         }
 
 
@@ -182,6 +205,17 @@ def _rows(rates: Mapping[str, float], total: float) -> str:
         f"<tr><td>{html.escape(name)}</td><td class=num>{rate:.2f}</td>"
         f"<td class=num>{(100 * rate / total if total else 0):.1f}%</td></tr>"
         for name, rate in sorted(rates.items(), key=lambda kv: -kv[1])
+    )
+
+
+def _whoami_text(whoami: Mapping[str, Any]) -> str:
+    lookups = ", ".join(f"{k} {v}" for k, v in whoami["lookups"].items())
+    skipped = ", ".join(f"{k} {v}" for k, v in whoami["skipped"].items())
+    return html.escape(
+        f"whoami at {whoami['url']} ({whoami['resolve']} tokens): {whoami['users_cached']} "
+        f"users and {whoami['rejected_cached']} rejected tokens cached, "
+        f"{whoami['in_flight']} lookups in flight; {whoami['hits']} hits, "
+        f"{whoami['misses']} misses; lookups: {lookups}; not started: {skipped}."
     )
 
 
@@ -206,6 +240,10 @@ def render_page(snap: Mapping[str, Any]) -> str:
     else:
         policy_html = "<p>No policy: a constant answer (--static-class).</p>"
     conns = snap["connections"]
+    whoami = snap.get("whoami")
+    whoami_html = (
+        f"<h2>Users of opaque tokens</h2><p id=whoami>{_whoami_text(whoami)}</p>" if whoami else ""
+    )
     errors = ", ".join(f"status {k}: {v}" for k, v in snap["protocol_errors"].items()) or "none"
     mean = snap["mean_decision_us"]
     return f"""<!doctype html>
@@ -240,6 +278,7 @@ td, th {{ border-bottom: 1px solid #ddd; padding: .25em .8em; text-align: left; 
 <p id=connections>{conns["open"]} connections open, {conns["accepted"]} accepted since start,
 {conns["healthchecks"]} health checks, {conns["refused"]} refused; protocol errors: {errors};
 handler errors: {snap["handler_errors"]}.</p>
+{whoami_html}
 <p class=muted><a href="/metrics">/metrics</a> · <a href="/healthz">/healthz</a> ·
 <a href="/status.json">/status.json</a> · updated <span id=updated>now</span></p>
 <script>

@@ -1,19 +1,26 @@
 """Demo workers: HTTP servers standing in for Synapse's main process and workers.
 
 Each worker answers ``GET /health`` with ``OK`` (what HAProxy's checks ask),
-``/_matrix/client/versions`` like Synapse does, and every other request with a
-JSON document saying which worker it is, so a client (or a test) sees where
+``/_matrix/client/versions`` like Synapse does, ``/account/whoami`` for the
+tokens of :mod:`spoa.traffic` (``syt_`` and opaque ``mat_`` ones alike; 401
+``M_UNKNOWN_TOKEN`` for any other), and every other request with a JSON
+document saying which worker it is, so a client (or a test) sees where
 HAProxy sent it. One process can host many workers, each on its own address.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..httpd import HttpRequest, HttpResponse, HttpServer
+from ..traffic import demo_token_user
+
+SERVER_NAME = "example.org"
+_WHOAMI = re.compile(r"^/_matrix/client/(r0|v3|unstable)/account/whoami$")
 
 _VERSIONS = [
     "r0.6.1",
@@ -63,6 +70,7 @@ class DemoWorker:
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
         self.requests = 0
+        self.whoami_requests = 0
         self.port = spec.port
         self._http = HttpServer(self._answer)
 
@@ -81,6 +89,9 @@ class DemoWorker:
         path = request.path
         if path == "/health":
             return HttpResponse(200, b"OK", headers=served_by)
+        if _WHOAMI.match(path):
+            self.whoami_requests += 1
+            return self._whoami(request, served_by)
         if path == "/_matrix/client/versions":
             document: dict[str, object] = {
                 "versions": _VERSIONS,
@@ -94,6 +105,15 @@ class DemoWorker:
                 "method": request.method,
                 "path": path,
             }
+        return HttpResponse(200, json.dumps(document).encode(), "application/json", served_by)
+
+    def _whoami(self, request: HttpRequest, served_by: dict[str, str]) -> HttpResponse:
+        auth = request.headers.get("authorization", "")
+        user = demo_token_user(auth[7:].strip()) if auth[:7].lower() == "bearer " else None
+        if user is None:
+            error = {"errcode": "M_UNKNOWN_TOKEN", "error": "Unknown access token"}
+            return HttpResponse(401, json.dumps(error).encode(), "application/json", served_by)
+        document = {"user_id": f"@{user}:{SERVER_NAME}", "device_id": "DEMO", "is_guest": False}
         return HttpResponse(200, json.dumps(document).encode(), "application/json", served_by)
 
 
