@@ -36,7 +36,9 @@ def sync(token: str, sliding: bool = False) -> TrafficRequest:
 
 
 class Site:
-    def __init__(self, runner: StackRunner[DemoStack], homeserver: DemoWorker, policy: Path) -> None:
+    def __init__(
+        self, runner: StackRunner[DemoStack], homeserver: DemoWorker, policy: Path
+    ) -> None:
         self.runner = runner
         self.homeserver = homeserver
         self.policy = policy
