@@ -4,9 +4,9 @@ PostgreSQL (a private cluster) and Redis from Debian's packages; Synapse from
 PyPI in its own virtual environment (.venv-synapse, made by ./dev.sh test);
 the main process and workers configured as Synapse's docs/workers.md says:
 every worker with client and federation resources on its own HTTP port, the
-media worker with the media resource (media off on main), the typing stream
-writer and main with replication listeners in the instance map, Redis for
-replication.
+media worker with the media resource (media off on main), the typing and the
+thread subscriptions (MSC4306, experimental) stream writers and main with
+replication listeners in the instance map, Redis for replication.
 """
 
 from __future__ import annotations
@@ -54,6 +54,9 @@ WORKERS: Sequence[WorkerDef] = (
     WorkerDef("federation_inbound1", "federation_inbound"),
     WorkerDef("media1", "media_repository", media=True),
     WorkerDef("typing1", "typing", stream_writer="typing"),
+    WorkerDef(
+        "thread_subscriptions1", "thread_subscriptions", stream_writer="thread_subscriptions"
+    ),
 )
 
 
@@ -263,6 +266,8 @@ class Synapse:
             "suppress_key_server_warning": True,
             "url_preview_enabled": False,
             "presence": {"enabled": True},
+            # MSC4306 thread subscriptions (served by their stream writer only).
+            "experimental_features": {"msc4306_enabled": True},
             # The suite registers, logs in and sends quickly from one address.
             "rc_message": {"per_second": 1000, "burst_count": 1000},
             "rc_registration": {"per_second": 1000, "burst_count": 1000},

@@ -11,22 +11,15 @@ edits the policy, while the client keeps going.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
 import time
 import urllib.request
 from collections import defaultdict
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 from nio import (
-    AsyncClient,
     JoinResponse,
-    LoginResponse,
     MemoryDownloadResponse,
-    RegisterResponse,
     RoomCreateResponse,
     RoomMessagesResponse,
     RoomPreset,
@@ -37,144 +30,12 @@ from nio import (
     UploadResponse,
 )
 
-from spoa.demo.stack import Router
-from tests.e2e.synapse import WORKERS, Postgres, Redis, Synapse
-from tests.integration.harness import free_port
-from tests.integration.stack_runner import StackRunner, log_fields
+from tests.e2e.conftest import Deployment, close_all, make_users, run, sync_loop
+from tests.e2e.synapse import WORKERS
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[2]
-PASSWORD = "correct horse battery staple"
 USERS = 6
-
-
-@dataclass
-class Deployment:
-    runner: StackRunner[Router]
-    synapse: Synapse
-    started: float
-    url: str = ""
-    #: HAProxy server slot ("be_synchrotron/w1") -> Synapse worker name.
-    slots: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def router(self) -> Router:
-        return self.runner.stack
-
-    def log_lines(self, since: int = 0) -> list[dict[str, str]]:
-        return [log_fields(line) for line in self.runner.log_lines(since)]
-
-    def log_size(self) -> int:
-        return len(self.runner.log())
-
-    def map_slots(self) -> None:
-        """Which worker each HAProxy server slot holds (from the stats addresses)."""
-        by_port = {str(port): name for name, port in self.synapse.ports.items()}
-        by_port[str(self.synapse.main_port)] = "main"
-        for row in self.router.stats():
-            address = row.get("addr", "")
-            if address:
-                self.slots[f"{row['pxname']}/{row['svname']}"] = by_port.get(
-                    address.rpartition(":")[2], address
-                )
-
-    def worker_of(self, line: dict[str, str]) -> str:
-        return self.slots.get(line["backend_server"], line["backend_server"])
-
-
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    started = time.monotonic()
-    workdir = tmp_path_factory.mktemp("e2e")
-    policy = workdir / "policy.yaml"
-    shutil.copy(ROOT / "policies" / "synapse-workers.yaml", policy)
-    port = free_port()
-    postgres, redis = Postgres(), Redis()
-    postgres.start()
-    redis.start()
-    synapse = Synapse(workdir / "synapse", f"http://127.0.0.1:{port}/", postgres, redis)
-    router = Router(
-        workdir=workdir / "router",
-        policy=policy,
-        port=port,
-        stats_port=free_port(),
-        agent_port=free_port(),
-        agent_http=f"127.0.0.1:{free_port()}",
-        check_inter="500ms",
-        poll_interval=0.2,
-    )
-    runner = StackRunner(router)
-    try:
-        synapse.start()
-        router.main_address = f"127.0.0.1:{synapse.main_port}"
-        runner.call(router.start_dns())
-        for worker_class, endpoints in synapse.endpoints().items():
-            router.publish(worker_class, endpoints)
-        router.start_agent()
-        router.start_haproxy()
-        expected = {c: len(e) for c, e in synapse.endpoints().items()}
-        runner.call(router.wait_up(expected, 60))
-        deployment = Deployment(runner, synapse, started, f"http://127.0.0.1:{port}")
-        deployment.map_slots()
-        yield deployment
-    finally:
-        elapsed = time.monotonic() - started
-        rss = synapse.rss_bytes()
-        runner.close()
-        synapse.stop()
-        redis.stop()
-        postgres.stop()
-        print(
-            f"\ne2e: {elapsed:.0f} s from PostgreSQL start to teardown; "
-            f"Synapse processes' resident memory {rss / 2**20:.0f} MiB at the end"
-        )
-
-
-# -- a client ------------------------------------------------------------------------------
-
-
-@dataclass
-class User:
-    client: AsyncClient
-    user_id: str
-    syncs_ok: int = 0
-    sync_errors: int = 0
-
-
-async def make_users(url: str, prefix: str, count: int) -> list[User]:
-    users = []
-    for n in range(count):
-        client = AsyncClient(url)
-        registered = await client.register(f"{prefix}{n}", PASSWORD)
-        assert isinstance(registered, RegisterResponse), registered
-        await client.close()
-        # A fresh client logs in, as a real one would after registering.
-        client = AsyncClient(url, registered.user_id)
-        login = await client.login(PASSWORD, device_name=f"{prefix}{n}")
-        assert isinstance(login, LoginResponse), login
-        users.append(User(client, login.user_id))
-    return users
-
-
-async def sync_loop(user: User, stop: asyncio.Event) -> None:
-    """Long-polling incremental syncs until told to stop; failures are counted."""
-    while not stop.is_set():
-        response = await user.client.sync(timeout=1500, since=user.client.next_batch)
-        if isinstance(response, SyncResponse):
-            user.syncs_ok += 1
-        else:
-            user.sync_errors += 1
-            await asyncio.sleep(0.2)
-
-
-async def close_all(users: list[User]) -> None:
-    for user in users:
-        await user.client.close()
-
-
-def run(coro: object) -> None:
-    asyncio.run(asyncio.wait_for(coro, 300))  # type: ignore[arg-type]
 
 
 # -- the client's whole session ------------------------------------------------------------
@@ -249,7 +110,7 @@ def test_every_client_operation_succeeds_and_lands_where_the_policy_says(
         await close_all(users)
 
     run(session())
-    lines = [x for x in deployment.log_lines(since) if x.get("via")]
+    lines = [x for x in deployment.settled_lines(since) if x.get("via")]
     assert len(lines) > 200
 
     # Every request was answered by Synapse through the class the agent named.
@@ -267,6 +128,7 @@ def test_every_client_operation_succeeds_and_lands_where_the_policy_says(
             assert server == "main", line
     rules = {line["rule"] for line in lines}
     assert {
+        "room_creation",
         "sync",
         "initial_sync",
         "event_sending",
@@ -285,6 +147,11 @@ def test_every_client_operation_succeeds_and_lands_where_the_policy_says(
     assert len(per_user) == USERS
     assert all(len(workers) == 1 for workers in per_user.values()), per_user
     assert {next(iter(w)) for w in per_user.values()} == {"sync1", "sync2"}
+
+    # Room creations on the event creator, keyed by their user.
+    creations = [x for x in lines if x["rule"] == "room_creation"]
+    assert len(creations) == 3 and len({x["key"] for x in creations}) == 1, creations
+    assert all(deployment.worker_of(x) == "event_creator1" for x in creations)
 
     # One room's sends on one event creator.
     per_room: dict[str, set[str]] = defaultdict(set)
@@ -321,7 +188,7 @@ def test_a_stopped_sync_worker_hands_its_users_over_and_gets_them_back(
             stop.set()
             await asyncio.gather(*loops)
             where: dict[str, set[str]] = defaultdict(set)
-            for line in deployment.log_lines(mark):
+            for line in deployment.settled_lines(mark):
                 if line.get("rule") == "sync" and line["status"] == "200":
                     where[line["key"]].add(deployment.worker_of(line))
             return sum(u.syncs_ok for u in users) - before_ok, where
@@ -377,7 +244,7 @@ def test_the_client_notices_nothing_when_the_agent_dies_and_it_comes_back(
             page = await users[n % 3].client.room_messages(room, limit=5)
             assert isinstance(page, RoomMessagesResponse), page
             await asyncio.sleep(0.1)
-        outage = [x for x in deployment.log_lines(mark) if x.get("via")]
+        outage = [x for x in deployment.settled_lines(mark) if x.get("via")]
         assert any(x["via"] == "fallback" for x in outage)
         assert all(x["status"].startswith(("2", "3")) for x in outage), outage
 
@@ -392,7 +259,7 @@ def test_the_client_notices_nothing_when_the_agent_dies_and_it_comes_back(
         await asyncio.gather(*loops)
         assert all(u.sync_errors == 0 for u in users), [u.sync_errors for u in users]
         # (Long-polls begun during the outage end later: look at the send.)
-        after = [x for x in deployment.log_lines(mark) if x.get("rule", "").endswith("sending")]
+        after = deployment.wait_lines(mark, lambda x: x.get("rule", "").endswith("sending"))
         assert after and after[-1]["via"] == "agent", after
         await close_all(users)
 
@@ -412,7 +279,7 @@ def test_editing_the_policy_moves_requests_with_no_reload(deployment: Deployment
         room = created.room_id
         mark = deployment.log_size()
         assert isinstance(await user.client.room_messages(room, limit=5), RoomMessagesResponse)
-        (before,) = [x for x in deployment.log_lines(mark) if x.get("rule") == "room_messages"]
+        (before,) = deployment.wait_lines(mark, lambda x: x.get("rule") == "room_messages")
         assert deployment.worker_of(before) == "client_reader1"
 
         text = policy.read_text()
@@ -427,7 +294,7 @@ def test_editing_the_policy_moves_requests_with_no_reload(deployment: Deployment
             mark = deployment.log_size()
             page = await user.client.room_messages(room, limit=5)
             assert isinstance(page, RoomMessagesResponse), page
-            (line,) = [x for x in deployment.log_lines(mark) if x.get("rule") == "room_messages"]
+            (line,) = deployment.wait_lines(mark, lambda x: x.get("rule") == "room_messages")
             if deployment.worker_of(line) == "event_creator1":
                 break
             assert time.monotonic() < deadline, "the policy edit was not applied"
