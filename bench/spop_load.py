@@ -14,6 +14,9 @@ Two modes:
 
     python bench/spop_load.py                      # capacity, agent on core 0
     python bench/spop_load.py --rate 75000         # latency at 75k/s
+    python bench/spop_load.py --policy policies/synapse-workers.yaml --whoami
+                                                   # half the users with opaque tokens,
+                                                   # resolved by a demo homeserver's whoami
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ import argparse
 import asyncio
 import os
 import re
+import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +46,23 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 #: Route messages as HAProxy builds them, from the spoa.traffic mix.
 _MIX = list(generate(4096, Deployment(users=2000, rooms=500, remotes=100)))
+
+
+def use_mix(opaque_share: float) -> None:
+    """The mix again, with this share of users holding opaque (MAS-like) tokens."""
+    deployment = Deployment(users=2000, rooms=500, remotes=100, opaque_share=opaque_share)
+    _MIX[:] = generate(4096, deployment)
+
+
+def whoami_policy(policy: str, port: int) -> str:
+    """A policy extending ``policy`` with a whoami setting for the demo homeserver."""
+    site = Path(tempfile.mkdtemp()) / "site.yaml"
+    site.write_text(
+        f"version: 1\nextends: {Path(policy).resolve()}\nwhoami:\n"
+        f"  url: http://127.0.0.1:{port}/_matrix/client/v3/account/whoami\n"
+        "  max_per_second: 10000\n  max_concurrent: 64\n"
+    )
+    return str(site)
 
 
 def route_message(i: int) -> Message:
@@ -172,15 +194,17 @@ def start_agent(cpu: int | None, loop: str, extra: list[str]) -> tuple[subproces
     )
     assert proc.stderr is not None
     deadline = time.monotonic() + 15
+    said = []
     while time.monotonic() < deadline:
         line = proc.stderr.readline()
         if not line:
             break
+        said.append(line)
         found = re.search(r"listening for SPOP on \S+:(\d+)", line)
         if found:
             return proc, int(found.group(1))
     proc.kill()
-    raise SystemExit("agent did not start")
+    raise SystemExit("agent did not start:\n" + "".join(said[-10:]))
 
 
 async def run(args: argparse.Namespace, port: int, pid: int | None) -> dict[str, float]:
@@ -269,8 +293,39 @@ def main() -> int:
         metavar="FILE",
         help="run the agent with this policy (default: a constant answer, --static-class main)",
     )
+    parser.add_argument(
+        "--opaque-share",
+        type=float,
+        default=0.0,
+        help="share of users with opaque (MAS-like) tokens instead of syt_ ones",
+    )
+    parser.add_argument(
+        "--whoami",
+        action="store_true",
+        help="resolve opaque tokens with whoami (a demo homeserver; --opaque-share 0.5 "
+        "unless given; the warm-up fills the cache)",
+    )
     parser.add_argument("agent_args", nargs="*", help="extra arguments for spoa serve (after --)")
     args = parser.parse_args()
+
+    homeserver = None
+    if args.whoami:
+        if not args.policy:
+            raise SystemExit("--whoami needs --policy")
+        args.opaque_share = args.opaque_share or 0.5
+        args.warmup = max(args.warmup, 3.0)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            hs_port = probe.getsockname()[1]
+        homeserver = subprocess.Popen(
+            [sys.executable, "-m", "spoa", "demo-worker", f"hs-1=127.0.0.1:{hs_port}"],
+            cwd=ROOT,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=(lambda: os.sched_setaffinity(0, {args.load_cpu})),  # noqa: PLW1509
+        )
+        args.policy = whoami_policy(args.policy, hs_port)
+    if args.opaque_share:
+        use_mix(args.opaque_share)
 
     proc = None
     if args.connect:
@@ -291,12 +346,16 @@ def main() -> int:
         with runner:
             result = runner.run(run(args, port, pid))
     finally:
-        if proc:
-            proc.terminate()
-            proc.wait(10)
+        for child in (proc, homeserver):
+            if child:
+                child.terminate()
+                child.wait(10)
     load1, load5, _ = os.getloadavg()
     mode = f"open loop at {args.rate:.0f}/s" if args.rate else f"closed loop, window {args.window}"
     mode += f", handler: {'policy ' + Path(args.policy).name if args.policy else 'constant'}"
+    if args.opaque_share:
+        mode += f", {args.opaque_share:.0%} opaque tokens"
+        mode += " resolved by whoami" if args.whoami else " (token keys)"
     print(
         f"spop_load: {args.connections} connections, {mode}, {args.duration:.0f}s "
         f"(load average before exit {load1:.2f} {load5:.2f})"

@@ -80,6 +80,7 @@ class RouteHandler:
         # Checked once: debug logging of decisions costs nothing when off.
         self._debug = log.isEnabledFor(logging.DEBUG)
         self._closing: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
 
     def _prepare(self, policy: CompiledPolicy) -> dict[str, tuple[bytes, bytes]]:
         encoded = {
@@ -98,12 +99,18 @@ class RouteHandler:
         old = self._resolver
         if old is not None and old.spec == spec:
             return
+        loop = asyncio.get_running_loop()
         if old is not None:
-            task = asyncio.get_running_loop().create_task(old.close())
+            task = loop.create_task(old.close())
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         self._resolver = WhoamiResolver(spec, self.whoami) if spec is not None else None
-        self.whoami.resolver = self._resolver
+        if self._resolver is not None:
+            self._sweeper = loop.create_task(self._resolver.run())
+        self.whoami.use(self._resolver)
         waits = spec is not None and spec.wait > 0
         self._waiting_rules = frozenset(
             rule.name for rule in (*policy.rules, policy.default) if waits and rule.resolves
@@ -111,6 +118,8 @@ class RouteHandler:
 
     async def close(self) -> None:
         """Stop the whoami lookups (at shutdown)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._resolver is not None:
             await self._resolver.close()
         for task in list(self._closing):

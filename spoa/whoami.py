@@ -11,7 +11,9 @@ too), and :class:`WhoamiResolver` is the policy's
 :class:`~spoa.policy.compiled.Users`:
 
 * ``user_for(token)`` answers at once from a cache: the user, or nothing.
-  Deciding never waits for the network.
+  Deciding never waits for the network. A hit costs a dictionary look-up:
+  expired users are swept out once a second (:meth:`WhoamiResolver.run`),
+  oldest first, which is also the order they expire in.
 * Nothing known: a lookup starts in the background (at most one per token),
   and the request keeps its token key. Later requests of the token get its
   user's key once the answer is in.
@@ -66,11 +68,23 @@ class WhoamiStats:
 
     lookups: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESULTS, 0))
     skipped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SKIPS, 0))
-    hits: int = 0
+    #: Hits of the resolvers replaced so far (the running one counts its own).
+    hits_before: int = 0
     negative_hits: int = 0
     misses: int = 0
     #: The resolver of the running policy, if it has a whoami setting.
     resolver: WhoamiResolver | None = None
+
+    @property
+    def hits(self) -> int:
+        """Decisions that found their token's user in a whoami cache."""
+        return self.hits_before + (self.resolver.hits if self.resolver is not None else 0)
+
+    def use(self, resolver: WhoamiResolver | None) -> None:
+        """Make ``resolver`` the running one; the previous one's hits stay counted."""
+        if self.resolver is not None:
+            self.hits_before += self.resolver.hits
+        self.resolver = resolver
 
 
 def localpart_of(body: bytes) -> str | None:
@@ -99,6 +113,22 @@ def _remember(memo: dict[str, _T], key: str, value: _T, limit: int) -> None:
 class WhoamiResolver:
     """The whoami cache and lookups of one policy's ``whoami`` setting."""
 
+    __slots__ = (
+        "_budget",
+        "_budget_at",
+        "_burst",
+        "_clock",
+        "_fetch",
+        "_in_flight",
+        "_log",
+        "_rejected",
+        "_session",
+        "_users",
+        "hits",
+        "spec",
+        "stats",
+    )
+
     def __init__(
         self,
         spec: WhoamiSpec,
@@ -111,8 +141,9 @@ class WhoamiResolver:
         self.stats = stats if stats is not None else WhoamiStats()
         self._fetch = fetch or self._http_fetch
         self._clock = clock
-        #: token -> (localpart, expiry)
+        #: token -> (localpart, expiry), in the order they expire (all share one TTL).
         self._users: dict[str, tuple[str, float]] = {}
+        self.hits = 0
         #: token -> expiry: rejected or failed tokens, which keep their token key.
         self._rejected: dict[str, float] = {}
         self._in_flight: dict[str, asyncio.Task[tuple[str, str | None]]] = {}
@@ -126,23 +157,43 @@ class WhoamiResolver:
 
     def user_for(self, token: str) -> str | None:
         """The user of ``token`` if known; else start finding out, and None."""
-        now = self._clock()
+        # The hit path first and alone: it is most decisions of a warm cache.
         entry = self._users.get(token)
         if entry is not None:
-            if entry[1] > now:
-                self.stats.hits += 1
-                return entry[0]
-            del self._users[token]
+            self.hits += 1
+            return entry[0]
+        self._not_known(token)
+        return None
+
+    def _not_known(self, token: str) -> None:
+        now = self._clock()
         expiry = self._rejected.get(token)
         if expiry is not None:
             if expiry > now:
                 self.stats.negative_hits += 1
-                return None
+                return
             del self._rejected[token]
         self.stats.misses += 1
         if token not in self._in_flight:
             self._start(token, now)
-        return None
+
+    def sweep(self) -> int:
+        """Forget the users whose TTL is over; how many were."""
+        now = self._clock()
+        expired = []
+        for token, (_, expiry) in self._users.items():
+            if expiry > now:
+                break
+            expired.append(token)
+        for token in expired:
+            del self._users[token]
+        return len(expired)
+
+    async def run(self, interval: float = 1.0) -> None:
+        """Sweep every ``interval`` seconds, until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            self.sweep()
 
     def pending(self, token: str) -> asyncio.Task[tuple[str, str | None]] | None:
         """The lookup in flight for ``token``, if any."""

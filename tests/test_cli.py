@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -207,3 +209,65 @@ def test_traffic_lines_replay_through_explain_in_order() -> None:
     assert len(decisions) == 200
     classes = {d["class"] for d in decisions}
     assert {"synchrotron", "event_creator", "federation_inbound", "media_repository"} <= classes
+
+
+class _Whoami(http.server.BaseHTTPRequestHandler):
+    """A homeserver's whoami that knows one opaque token."""
+
+    def do_GET(self) -> None:
+        known = self.headers.get("Authorization") == "Bearer mat_known_device_token"
+        body = b'{"user_id": "@alice:example.org"}' if known else b'{"errcode": "M_UNKNOWN_TOKEN"}'
+        self.send_response(200 if known else 401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_explain_asks_whoami_and_says_where_the_key_came_from(tmp_path: Path) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Whoami)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        "version: 1\nextends: synapse-workers\nwhoami:\n"
+        f"  url: http://127.0.0.1:{server.server_address[1]}/_matrix/client/v3/account/whoami\n"
+    )
+    lines = [
+        {
+            "method": "GET",
+            "path": "/_matrix/client/v3/sync?since=s1",
+            "headers": {"Authorization": f"Bearer {token}"},
+        }
+        for token in ("mat_known_device_token", "mat_unknown", "syt_YWxpY2U_x_y")
+    ]
+    try:
+        result = spoa(
+            "explain", str(site), "--jsonl", stdin="".join(json.dumps(x) + "\n" for x in lines)
+        )
+        offline = spoa(
+            "explain",
+            str(site),
+            "GET",
+            "/_matrix/client/v3/sync?since=s1",
+            "-H",
+            "Authorization: Bearer mat_known_device_token",
+            "--no-whoami",
+        )
+    finally:
+        server.shutdown()
+    assert result.returncode == 0, result.stderr
+    known, unknown, syt = (json.loads(x) for x in result.stdout.splitlines())
+    assert (known["key_kind"], known["key_source"], known["key_via"], known["whoami"]) == (
+        "user",
+        "alice",
+        "whoami",
+        "user",
+    )
+    assert "mat_known" not in result.stdout.splitlines()[0]
+    assert known["key"] == syt["key"] and "whoami" not in syt  # syt_ names its user itself
+    assert (unknown["key_kind"], unknown["whoami"]) == ("token", "unknown_token")
+    assert "key_via" not in unknown
+    assert json.loads(offline.stdout)["key_kind"] == "token"

@@ -90,7 +90,7 @@ def test_a_new_token_keeps_its_token_key_until_its_user_is_known() -> None:
         assert users.user_for(MAT) == "alice"
         assert home.asked == [MAT]
         assert users.stats.lookups["user"] == 1
-        assert (users.stats.hits, users.stats.misses) == (2, 1)
+        assert (users.hits, users.stats.misses) == (2, 1)
 
     run(test)
 
@@ -140,11 +140,34 @@ def test_known_users_expire_after_the_ttl() -> None:
         users.user_for(MAT)
         await settle()
         clock.now += 3599
+        assert users.sweep() == 0
         assert users.user_for(MAT) == "alice"
         clock.now += 2
+        assert users.sweep() == 1
         assert users.user_for(MAT) is None  # expired: looked up again
         await settle()
         assert users.user_for(MAT) == "alice" and len(home.asked) == 2
+
+    run(test)
+
+
+def test_the_sweeper_forgets_expired_users_in_the_order_they_expire() -> None:
+    async def test() -> None:
+        home = Homeserver({MAT: "alice", MAT2: "bob"})
+        users = WhoamiResolver(replace(SPEC, ttl=1.0), fetch=home)
+        sweeper = asyncio.get_running_loop().create_task(users.run(interval=0.05))
+        users.user_for(MAT)
+        await settle()
+        await asyncio.sleep(0.5)
+        users.user_for(MAT2)
+        await settle()
+        assert users.entries() == (2, 0)
+        await asyncio.sleep(0.7)  # alice's TTL is over, not bob's
+        assert users.user_for(MAT2) == "bob" and users.entries()[0] == 1
+        await asyncio.sleep(0.5)
+        assert users.entries()[0] == 0
+        sweeper.cancel()
+        await users.close()
 
     run(test)
 

@@ -331,7 +331,7 @@ class CompiledPolicy:
         token = access_token(request.auth, request.query)
         if not token:
             return None
-        if not self._resolve_all:
+        if not self._resolve_all and token.startswith("syt_"):
             localpart = syt_localpart(token)
             if localpart:
                 return ("user", localpart)
