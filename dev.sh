@@ -153,6 +153,7 @@ case "$cmd" in
         "$PY" bench/spop_load.py "$@"
         "$PY" bench/spop_load.py --rate 75000 "$@"
         "$PY" bench/spop_load.py --policy policies/synapse-workers.yaml "$@"
+        "$PY" bench/spop_load.py --policy policies/synapse-workers.yaml --whoami "$@"
         "$PY" bench/decide.py
         "$PY" bench/handler.py
         "$PY" bench/codec.py
