@@ -5,6 +5,7 @@
 #                    of Matrix traffic, then up until Ctrl-C (spoa demo)
 #   ./dev.sh test    lint, type-check and run every test (installs what it needs)
 #   ./dev.sh bench   run the benchmarks
+#   ./dev.sh haproxy VERSION   build HAProxy 3.x from ../shared/haproxy-src (cached)
 #
 # Installs what is missing from the distribution (HAProxy; Chromium for the
 # tests), as root or with sudo, and the Python dependencies into .venv.
@@ -45,6 +46,53 @@ ensure_haproxy() {
     if command -v systemctl >/dev/null && systemctl is-active --quiet haproxy 2>/dev/null; then
         as_root systemctl stop haproxy || true
     fi
+}
+
+# HAProxy 3.x, built from the upstream sources next to this checkout
+# (../shared/haproxy-src, or $SPOA_HAPROXY_SRC) into a cache outside the
+# repository, keyed by the tarball's checksum and the build options; a fresh
+# machine builds it (about a minute each on 2 cores).
+HAPROXY_SRC=${SPOA_HAPROXY_SRC:-$(cd .. && pwd)/shared/haproxy-src}
+HAPROXY_CACHE=${SPOA_HAPROXY_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/matrix-spoa/haproxy}
+HAPROXY_OPTIONS="TARGET=linux-glibc USE_LUA=1 LUA_INC=/usr/include/lua5.4 LUA_LIB_NAME=lua5.4 USE_PCRE2=1 USE_PCRE2_JIT=1 USE_OPENSSL=1 USE_PROMEX=1"
+
+# The path of a built HAProxy VERSION (3.0.11, 3.2.0, 3.4.0), building it if needed.
+haproxy_build() {
+    local version=$1 tarball sum key dir
+    tarball="$HAPROXY_SRC/haproxy-$version.tar.gz"
+    [ -f "$tarball" ] || { say "no $tarball"; return 1; }
+    sum=$(sha256sum "$tarball" | cut -d' ' -f1)
+    if [ -f "$HAPROXY_SRC/SHA256SUMS" ] && ! grep -q "^$sum  haproxy-$version.tar.gz$" "$HAPROXY_SRC/SHA256SUMS"; then
+        say "$tarball does not match $HAPROXY_SRC/SHA256SUMS"
+        return 1
+    fi
+    key=$(printf '%s %s' "$sum" "$HAPROXY_OPTIONS" | sha256sum | cut -c1-16)
+    dir="$HAPROXY_CACHE/$version-$key"
+    if [ ! -x "$dir/haproxy" ]; then
+        local need=()
+        command -v make >/dev/null && command -v gcc >/dev/null || need+=(build-essential)
+        [ -e /usr/include/pcre2.h ] || need+=(libpcre2-dev)
+        [ -e /usr/include/openssl/ssl.h ] || need+=(libssl-dev)
+        [ -e /usr/include/lua5.4/lua.h ] || need+=(liblua5.4-dev)
+        if [ ${#need[@]} -gt 0 ]; then
+            say "installing ${need[*]} (to build HAProxy $version)"
+            apt_install "${need[@]}" || return 1
+        fi
+        say "building HAProxy $version into $dir"
+        local work
+        work=$(mktemp -d)
+        tar xzf "$tarball" -C "$work"
+        # shellcheck disable=SC2086
+        if ! make -C "$work/haproxy-$version" -j"$(nproc)" $HAPROXY_OPTIONS > "$work/build.log" 2>&1; then
+            tail -30 "$work/build.log" >&2
+            say "building HAProxy $version failed"
+            return 1
+        fi
+        mkdir -p "$dir"
+        cp "$work/haproxy-$version/haproxy" "$dir/haproxy.new" && mv "$dir/haproxy.new" "$dir/haproxy"
+        rm -rf "$work"
+    fi
+    printf '%s\n' "$dir/haproxy"
 }
 
 # The end-to-end suite runs a real Synapse: PostgreSQL and Redis from the
@@ -148,6 +196,11 @@ case "$cmd" in
         say "pytest"
         exec "$PY" -m pytest "$@"
         ;;
+    haproxy)
+        # ./dev.sh haproxy VERSION: print the path of HAProxy VERSION, built if needed.
+        [ $# -eq 1 ] || { say "usage: ./dev.sh haproxy 3.0.11|3.2.0|3.4.0"; exit 2; }
+        haproxy_build "$1"
+        ;;
     bench)
         ensure_venv
         "$PY" bench/spop_load.py "$@"
@@ -159,7 +212,7 @@ case "$cmd" in
         "$PY" bench/codec.py
         ;;
     *)
-        sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
         [ "$cmd" = help ] || exit 2
         ;;
 esac

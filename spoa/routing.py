@@ -97,8 +97,9 @@ class RouteHandler:
         """Keep, replace or drop the resolver to match the running policy."""
         spec = policy.whoami
         old = self._resolver
-        if old is not None and old.spec == spec:
+        if (old.spec if old is not None else None) == spec:
             return
+        # A whoami setting comes or goes: the agent's event loop is running.
         loop = asyncio.get_running_loop()
         if old is not None:
             task = loop.create_task(old.close())

@@ -52,6 +52,12 @@ class StackError(RuntimeError):
 
 
 def haproxy_binary() -> str:
+    """``$SPOA_HAPROXY`` if set (another build: ./dev.sh haproxy 3.4.0), else the system's."""
+    chosen = os.environ.get("SPOA_HAPROXY")
+    if chosen:
+        if not os.access(chosen, os.X_OK):
+            raise StackError(f"SPOA_HAPROXY={chosen} is not an executable")
+        return chosen
     found = shutil.which("haproxy") or (
         "/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None
     )
