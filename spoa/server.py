@@ -23,6 +23,7 @@ import asyncio
 import inspect
 import logging
 import os
+import re
 import socket
 import stat
 import time
@@ -112,6 +113,30 @@ class ServerStats:
     disconnect_frames_sent: int = 0
     handler_errors: int = 0
     protocol_errors: dict[int, int] = field(default_factory=dict)
+
+
+#: The most of a peer's text that reaches the log.
+PEER_TEXT_MAX: Final = 200
+_UNPRINTABLE: Final = re.compile(r"[^\x20-\x5b\x5d-\x7e]")
+
+
+def peer_text(text: str) -> str:
+    """Text a peer sent, safe for one log line: printable ASCII, escaped, cut short.
+
+    Every other character (newlines and other controls, non-ASCII, the
+    surrogate escapes of undecodable bytes) is written as a \\xNN, \\uNNNN
+    escape, so a peer cannot forge log lines or terminal sequences.
+    """
+    cut = len(text) > PEER_TEXT_MAX
+    shown = _UNPRINTABLE.sub(_escape, text[:PEER_TEXT_MAX])
+    return f'"{shown}"' + (" (cut)" if cut else "")
+
+
+def _escape(found: re.Match[str]) -> str:
+    code = ord(found.group())
+    if code == 0x5C:
+        return "\\\\"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 class RateLimitedLog:
@@ -328,12 +353,17 @@ class _SpopProtocol(asyncio.Protocol):
                 out.append(conn.accept_hello())
         elif isinstance(event, HaproxyDisconnect):
             stats.disconnect_frames_received += 1
-            if event.status != Status.NORMAL:
-                log.info(
+            if event.status in (Status.NORMAL, Status.TIMEOUT):
+                # The usual ways HAProxy ends a connection (an idle one
+                # times out): nothing an operator needs to see.
+                log.debug("HAProxy closed connection %s: status %d", self.peer, event.status)
+            else:
+                self._server.rate_limited_log(
+                    logging.INFO,
                     "HAProxy closed connection %s: status %d %s",
                     self.peer,
                     event.status,
-                    event.message,
+                    peer_text(event.message),
                 )
             out.append(conn.disconnect(Status.NORMAL, ""))
             stats.disconnect_frames_sent += 1
@@ -347,7 +377,7 @@ class _SpopProtocol(asyncio.Protocol):
                 self.peer,
                 event.status,
                 event.status.name,
-                event.message,
+                peer_text(event.message),
             )
             out.append(conn.disconnect(event.status, event.message))
             stats.disconnect_frames_sent += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import signal
@@ -89,6 +90,45 @@ def test_haproxy_disconnect_is_answered_and_closed() -> None:
             assert await peer.eof()
 
     run(scenario())
+
+
+def test_a_disconnect_message_cannot_write_lines_into_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    forged = "bye\n2026-12-01 00:00:00 ERROR spoa: forged line\r\x1b[2J" + "x" * 16000
+
+    async def scenario() -> None:
+        async with running_server(constant) as server:
+            for _ in range(40):
+                peer = await connected(server)
+                await peer.send(haproxy_disconnect(Status.IO, forged))
+                await peer.frame()
+                assert await peer.eof()
+
+    with caplog.at_level(logging.DEBUG, logger="spoa.server"):
+        run(scenario())
+    closes = [r.getMessage() for r in caplog.records if "closed connection" in r.getMessage()]
+    # Rate-limited (5 in 10 s), one line each, escaped, cut short.
+    assert len(closes) == 5
+    for line in closes:
+        assert "\n" not in line and "\r" not in line and "\x1b" not in line
+        assert "bye\\x0a2026" in line and "\\x1b[2J" in line
+        assert len(line) < 400 and line.endswith("(cut)")
+
+
+def test_routine_idle_closes_are_logged_at_debug_only(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        async with running_server(constant) as server:
+            for status in (Status.TIMEOUT, Status.NORMAL):
+                peer = await connected(server)
+                await peer.send(haproxy_disconnect(status, "a timeout occurred"))
+                await peer.frame()
+                assert await peer.eof()
+
+    with caplog.at_level(logging.DEBUG, logger="spoa.server"):
+        run(scenario())
+    closes = [r for r in caplog.records if "closed connection" in r.getMessage()]
+    assert len(closes) == 2 and all(r.levelno == logging.DEBUG for r in closes)
 
 
 # -- NOTIFY / ACK ---------------------------------------------------------------------
