@@ -77,6 +77,14 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds between checks of the policy file (default 1); SIGHUP checks at once",
     )
+    serve.add_argument(
+        "--settle",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="seconds a policy file edited in place must rest before it is tried (default 1); "
+        "renames and ConfigMap updates apply at once",
+    )
     serve.add_argument("--max-connections", type=int, default=_LIMITS.max_connections)
     serve.add_argument("--max-frame-size", type=int, default=_LIMITS.max_frame_size)
     serve.add_argument(
@@ -215,7 +223,7 @@ async def _serve(args: argparse.Namespace) -> int:
     whoami = WhoamiStats()
     if args.policy:
         try:
-            holder = PolicyHolder(args.policy)
+            holder = PolicyHolder(args.policy, settle=max(0.0, args.settle))
         except PolicyError as exc:
             log.error(
                 "cannot start: the policy is not usable:\n  %s",

@@ -111,7 +111,7 @@ def test_a_reload_changes_the_answer_at_once(tmp_path: Path) -> None:
         "rules:\n  - {name: r, class: CLASS, path: '^/x'}\n"
     )
     path.write_text(text.replace("CLASS", "a"))
-    handler = RouteHandler(PolicyHolder(str(path)))
+    handler = RouteHandler(PolicyHolder(str(path), settle=0))
     assert answer(handler, method="GET", path="/x")[0].value == "a"
     path.write_text(text.replace("CLASS", "b"))
     handler.holder.reload()

@@ -444,7 +444,7 @@ def key_of(payload: bytes) -> str | None:
 def holder_with(tmp_path: Path, text: bytes) -> PolicyHolder:
     path = tmp_path / "p.yaml"
     path.write_bytes(text)
-    return PolicyHolder(str(path))
+    return PolicyHolder(str(path), settle=0)
 
 
 def test_the_handler_answers_at_once_without_a_wait(tmp_path: Path) -> None:

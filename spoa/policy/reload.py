@@ -11,12 +11,20 @@ The files watched are the policy and every base it extends: each poll reads
 them and compares their bytes with those of the last attempt, so an edit of
 a base (or a new bundled policy after an upgrade) reloads the policies built
 on it too.
+
+A file written in place may be caught half-written, and many prefixes of a
+policy are valid policies. So a file whose content changed but which is
+still the same file (same device and inode) is only tried once it has not
+been modified for ``settle`` seconds; a file that was replaced (an atomic
+rename, a ConfigMap's symlink swap) is complete by construction and is tried
+at once. SIGHUP tries at once whatever the file.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +38,7 @@ log = logging.getLogger("spoa.policy")
 
 @dataclass(frozen=True, slots=True)
 class ReloadResult:
-    """What one reload attempt did: ``loaded``, ``unchanged`` or ``failed``."""
+    """What one reload attempt did: ``loaded``, ``unchanged``, ``settling`` or ``failed``."""
 
     outcome: str
     version: str
@@ -45,12 +53,18 @@ class PolicyHolder:
     """
 
     def __init__(
-        self, path: str, on_change: Callable[[PolicyHolder, ReloadResult], None] | None = None
+        self,
+        path: str,
+        on_change: Callable[[PolicyHolder, ReloadResult], None] | None = None,
+        settle: float = 1.0,
     ) -> None:
+        """``settle``: seconds a file edited in place must rest before it is tried."""
         self.path = path
         self._on_change = on_change
+        self.settle = settle
         self._files: FileSnapshot = {}
         self.current: CompiledPolicy = load_policy(path, self._files)
+        self._identities = _identities(self._files)
         self.loaded_at = time.time()
         self.reloads_ok = 0
         self.reloads_failed = 0
@@ -75,15 +89,21 @@ class PolicyHolder:
         Without ``force`` files whose bytes were already tried (loaded or
         rejected) are skipped; SIGHUP forces a fresh attempt.
         """
-        if not force and snapshot([self.path, *self._files]) == self._files:
-            return ReloadResult("unchanged", self.current.version)
+        if not force:
+            now = snapshot([self.path, *self._files])
+            if now == self._files:
+                return ReloadResult("unchanged", self.current.version)
+            waiting = self._settling(now)
+            if waiting:
+                log.debug("policy file %s changed in place; waiting for it to settle", waiting)
+                return ReloadResult("settling", self.current.version)
         files: FileSnapshot = {}
         try:
             policy = load_policy(self.path, files)
         except PolicyError as exc:
-            self._files = files
+            self._remember(files)
             return self._failed(tuple(str(e) for e in exc.errors))
-        self._files = files
+        self._remember(files)
         if policy.version == self.current.version:
             if force:
                 log.info("policy %s unchanged (version %s)", self.path, policy.version)
@@ -105,6 +125,24 @@ class PolicyHolder:
         if self._on_change:
             self._on_change(self, result)
         return result
+
+    def _remember(self, files: FileSnapshot) -> None:
+        self._files = files
+        self._identities = _identities(files)
+
+    def _settling(self, now: FileSnapshot) -> str | None:
+        """A file edited in place less than ``settle`` seconds ago, if any."""
+        for path, content in now.items():
+            if content == self._files.get(path) or self.settle <= 0:
+                continue
+            try:
+                status = os.stat(path)
+            except OSError:
+                continue
+            same_file = self._identities.get(path) == (status.st_dev, status.st_ino)
+            if same_file and time.time() - status.st_mtime < self.settle:
+                return path
+        return None
 
     def _failed(self, errors: tuple[str, ...]) -> ReloadResult:
         self.reloads_failed += 1
@@ -128,3 +166,15 @@ class PolicyHolder:
                 self.reload()
             except Exception:  # never let the watcher die
                 log.exception("policy reload crashed; the running policy stays")
+
+
+def _identities(files: FileSnapshot) -> dict[str, tuple[int, int]]:
+    """(device, inode) of each file, following symlinks, as a ConfigMap swap changes it."""
+    found = {}
+    for path in files:
+        try:
+            status = os.stat(path)
+        except OSError:
+            continue
+        found[path] = (status.st_dev, status.st_ino)
+    return found

@@ -165,7 +165,7 @@ def test_the_version_follows_the_file_and_its_base(tmp_path: Path) -> None:
 def test_an_edit_of_the_base_reloads_the_policy_built_on_it(tmp_path: Path) -> None:
     base = write(tmp_path, "base.yaml", BASE)
     site = write(tmp_path, "site.yaml", "version: 1\nextends: ./base.yaml\n")
-    holder = PolicyHolder(str(site))
+    holder = PolicyHolder(str(site), settle=0)
     assert holder.reload().outcome == "unchanged"
     assert sorted(Path(f).name for f in holder.files) == ["base.yaml", "site.yaml"]
     base.write_text(BASE.replace("'^/media/'", "'^/_media/'"))

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import time
 from pathlib import Path
 
 import pytest
 
-from spoa.policy import PolicyError, Request
+from spoa.policy import PolicyError, Request, compile_policy
 from spoa.policy.reload import PolicyHolder, ReloadResult
+
+ROOT = Path(__file__).resolve().parents[2]
 
 TEMPLATE = """\
 version: 1
@@ -54,18 +58,20 @@ def test_missing_file_at_start_is_a_located_error(tmp_path: Path) -> None:
 
 
 def test_unchanged_file_is_not_reloaded(policy_file: Path) -> None:
-    holder = PolicyHolder(str(policy_file))
+    holder = PolicyHolder(str(policy_file), settle=0)
     version = holder.current.version
     assert holder.reload() == ReloadResult("unchanged", version)
     assert holder.reloads_ok == 0
 
 
-def test_edit_in_place_is_picked_up(policy_file: Path) -> None:
-    holder = PolicyHolder(str(policy_file))
+def test_edit_in_place_is_picked_up_once_it_has_settled(policy_file: Path) -> None:
+    holder = PolicyHolder(str(policy_file), settle=0.3)
     old = holder.current
     with policy_file.open("r+") as handle:  # same inode, rewritten
         handle.truncate(0)
         handle.write(policy_text("b"))
+    assert holder.reload().outcome == "settling"
+    time.sleep(0.35)
     result = holder.reload()
     assert result.outcome == "loaded" and result.version != old.version
     assert routed(holder) == "b"
@@ -74,8 +80,8 @@ def test_edit_in_place_is_picked_up(policy_file: Path) -> None:
     assert old.decide(Request("GET", "/x")).worker_class == "a"
 
 
-def test_atomic_rename_is_picked_up(policy_file: Path) -> None:
-    holder = PolicyHolder(str(policy_file))
+def test_atomic_rename_is_picked_up_at_once(policy_file: Path) -> None:
+    holder = PolicyHolder(str(policy_file), settle=30)
     staged = policy_file.with_name("staged.yaml")
     staged.write_text(policy_text("b"))
     os.replace(staged, policy_file)
@@ -90,7 +96,7 @@ def test_kubernetes_configmap_symlink_swap_is_picked_up(tmp_path: Path) -> None:
     (first / "policy.yaml").write_text(policy_text("a"))
     (tmp_path / "..data").symlink_to(first.name)
     (tmp_path / "policy.yaml").symlink_to("..data/policy.yaml")
-    holder = PolicyHolder(str(tmp_path / "policy.yaml"))
+    holder = PolicyHolder(str(tmp_path / "policy.yaml"))  # a swap is complete: no settling
     assert routed(holder) == "a"
 
     second = tmp_path / "..2026_11_24_10_05_00.2"
@@ -104,7 +110,7 @@ def test_kubernetes_configmap_symlink_swap_is_picked_up(tmp_path: Path) -> None:
 
 def test_broken_edit_keeps_the_running_policy_and_reports_where(policy_file: Path) -> None:
     changes: list[ReloadResult] = []
-    holder = PolicyHolder(str(policy_file), on_change=lambda h, r: changes.append(r))
+    holder = PolicyHolder(str(policy_file), on_change=lambda h, r: changes.append(r), settle=0)
     version = holder.current.version
     policy_file.write_text(policy_text("nope"))
     result = holder.reload()
@@ -126,7 +132,7 @@ def test_broken_edit_keeps_the_running_policy_and_reports_where(policy_file: Pat
 
 
 def test_fix_after_a_broken_edit_is_picked_up(policy_file: Path) -> None:
-    holder = PolicyHolder(str(policy_file))
+    holder = PolicyHolder(str(policy_file), settle=0)
     policy_file.write_text("version: 1\nclasses: [\n")
     assert holder.reload().outcome == "failed"
     policy_file.write_text(policy_text("b"))
@@ -138,7 +144,7 @@ def test_fix_after_a_broken_edit_is_picked_up(policy_file: Path) -> None:
 def test_reverting_a_broken_edit_to_the_running_content_clears_nothing_but_is_quiet(
     policy_file: Path,
 ) -> None:
-    holder = PolicyHolder(str(policy_file))
+    holder = PolicyHolder(str(policy_file), settle=0)
     original = policy_file.read_text()
     policy_file.write_text("not: [valid")
     assert holder.reload().outcome == "failed"
@@ -148,7 +154,7 @@ def test_reverting_a_broken_edit_to_the_running_content_clears_nothing_but_is_qu
 
 
 def test_a_file_that_disappears_keeps_the_policy_and_is_reported_once(policy_file: Path) -> None:
-    holder = PolicyHolder(str(policy_file))
+    holder = PolicyHolder(str(policy_file), settle=0)
     policy_file.unlink()
     assert holder.reload().outcome == "failed"
     assert holder.reload().outcome == "unchanged"
@@ -158,7 +164,7 @@ def test_a_file_that_disappears_keeps_the_policy_and_is_reported_once(policy_fil
 
 
 def test_the_watcher_polls_and_swaps(policy_file: Path) -> None:
-    holder = PolicyHolder(str(policy_file))
+    holder = PolicyHolder(str(policy_file), settle=0)
 
     async def scenario() -> None:
         task = asyncio.create_task(holder.watch(0.05))
@@ -173,3 +179,34 @@ def test_the_watcher_polls_and_swaps(policy_file: Path) -> None:
             task.cancel()
 
     asyncio.run(scenario())
+
+
+def test_a_policy_written_in_place_in_chunks_is_loaded_once_whole(tmp_path: Path) -> None:
+    text = (ROOT / "policies" / "synapse-workers.yaml").read_text()
+    # Cut at rule boundaries: each prefix is itself a valid policy (fewer rules).
+    starts = [m.start() for m in re.finditer(r"^  - name: ", text, re.M)]
+    cuts = [starts[len(starts) // 3], starts[2 * len(starts) // 3]]
+    chunks = [text[: cuts[0]], text[cuts[0] : cuts[1]], text[cuts[1] :]]
+    for end in cuts:
+        compile_policy(text[:end].encode())  # the prefixes alone would load
+    path = tmp_path / "policy.yaml"
+    path.write_text(policy_text("a"))
+    loaded: list[int] = []
+    holder = PolicyHolder(
+        str(path), on_change=lambda h, r: loaded.append(len(h.current.rules)), settle=1.0
+    )
+
+    async def scenario() -> None:
+        watcher = asyncio.get_running_loop().create_task(holder.watch(0.05))
+        with path.open("r+") as handle:  # in place: same inode all along
+            handle.truncate(0)
+            for chunk in chunks:
+                handle.write(chunk)
+                handle.flush()
+                await asyncio.sleep(0.3)
+        await asyncio.sleep(1.5)
+        watcher.cancel()
+
+    asyncio.run(scenario())
+    assert loaded == [len(compile_policy(text.encode()).rules)]
+    assert holder.reloads_failed == 0
