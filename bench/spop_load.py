@@ -332,6 +332,8 @@ def main() -> int:
         port, pid = args.connect, None
     else:
         what = ["--policy", args.policy] if args.policy else ["--static-class", "main"]
+        # This generator keeps --window frames waiting per connection, all live.
+        what += ["--peer-window", str(args.window)]
         proc, port = start_agent(args.agent_cpu, args.agent_loop, what + args.agent_args)
         pid = proc.pid
     if args.load_cpu is not None and args.load_cpu < (os.cpu_count() or 1):

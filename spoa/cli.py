@@ -93,6 +93,13 @@ def _build_parser() -> argparse.ArgumentParser:
         default=_LIMITS.max_in_flight,
         help="NOTIFY frames in flight per connection",
     )
+    serve.add_argument(
+        "--peer-window",
+        type=int,
+        default=_LIMITS.peer_window,
+        help="NOTIFYs HAProxy keeps waiting per connection (20); in a backlog beyond it the "
+        "older ones are not answered (0: answer all)",
+    )
     serve.add_argument("--hello-timeout", type=_positive_float, default=_LIMITS.hello_timeout)
     serve.add_argument("--idle-timeout", type=_positive_float, default=_LIMITS.idle_timeout)
     serve.add_argument("--handler-timeout", type=_positive_float, default=_LIMITS.handler_timeout)
@@ -212,6 +219,7 @@ async def _serve(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         max_frame_size=args.max_frame_size,
         max_in_flight=args.max_in_flight,
+        peer_window=args.peer_window,
         hello_timeout=args.hello_timeout,
         idle_timeout=args.idle_timeout,
         handler_timeout=args.handler_timeout,

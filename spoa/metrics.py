@@ -145,6 +145,11 @@ class AgentCollector(Collector):
             errors.add_metric([_STATUS_NAMES.get(status, str(status))], counts.get(status, 0))
         yield errors
         yield CounterMetricFamily(
+            "spoa_stale_notifies",
+            "NOTIFYs of a backlog left unanswered: HAProxy had already given up on them.",
+            value=s.stale_notifies,
+        )
+        yield CounterMetricFamily(
             "spoa_handler_errors",
             "Requests whose handler failed; they were answered with a no-op (fail open).",
             value=s.handler_errors,

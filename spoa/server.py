@@ -74,6 +74,11 @@ class Limits:
     #: NOTIFY frames decoded and not yet answered, per connection; beyond it
     #: the server stops reading that connection. HAProxy sends at most 20.
     max_in_flight: int = 256
+    #: NOTIFY frames HAProxy keeps waiting on one connection at most (20: fixed
+    #: in 3.1+, ``max-waiting-frames`` in 2.6-3.0). More unanswered at once
+    #: means a backlog (the agent was stalled): all but the newest this many
+    #: are for requests HAProxy gave up on, and are not answered. 0: answer all.
+    peer_window: int = 20
     #: Seconds from accept to HAPROXY-HELLO.
     hello_timeout: float = 10.0
     #: Seconds without a byte from HAProxy before closing (status 2). HAProxy
@@ -92,6 +97,8 @@ class Limits:
             raise ValueError(f"max_frame_size must be within {MIN_FRAME_SIZE}..{MAX_FRAME_SIZE}")
         if self.max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
+        if self.peer_window < 0:
+            raise ValueError("peer_window must be 0 (off) or more")
         for name in ("hello_timeout", "idle_timeout", "handler_timeout", "drain_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
@@ -112,6 +119,8 @@ class ServerStats:
     disconnect_frames_received: int = 0
     disconnect_frames_sent: int = 0
     handler_errors: int = 0
+    #: NOTIFYs of a backlog left unanswered: HAProxy had given up on them.
+    stale_notifies: int = 0
     protocol_errors: dict[int, int] = field(default_factory=dict)
 
 
@@ -180,6 +189,10 @@ class _SpopProtocol(asyncio.Protocol):
         self._stats = server.stats
         self._noop = server.noop_actions
         self._max_in_flight = server.limits.max_in_flight
+        self._window = server.limits.peer_window
+        #: Backlog mode: the newest NOTIFYs, answered once the backlog is read.
+        self._backlog: list[Notify] = []
+        self._backlog_flush: asyncio.TimerHandle | None = None
         self._conn = Connection(server.limits.max_frame_size)
         self._transport: asyncio.Transport | None = None
         self._tasks: dict[asyncio.Future[HandlerResult], tuple[Notify, float]] = {}
@@ -201,6 +214,9 @@ class _SpopProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        if self._backlog_flush is not None:
+            self._backlog_flush.cancel()
+            self._backlog_flush = None
         for task in list(self._tasks):
             task.cancel()
         self._tasks.clear()
@@ -236,6 +252,8 @@ class _SpopProtocol(asyncio.Protocol):
             events = conn.next_events(room)
             if not events:
                 break
+            if self._window and (len(events) > self._window or self._backlog):
+                events = self._hold_backlog(events)
             notifies = 0
             fast = 0
             handler = self._handler
@@ -273,6 +291,71 @@ class _SpopProtocol(asyncio.Protocol):
             return
         if self._paused_for_flight or self._paused_for_write or conn.in_flight:
             self._update_reading()
+
+    # Theory of operation: backlogs. HAProxy keeps at most ``peer_window``
+    # NOTIFYs waiting on a connection; each waits ``timeout processing`` at
+    # most, then HAProxy gives up on it and may send the next. So when more
+    # than that many arrive unanswered at once (the agent was stopped, starved
+    # of CPU, paused by a GC), all but the newest ``peer_window`` are for
+    # requests already routed without the agent. Answering them would only
+    # pour ACKs HAProxy drops into its socket, and on HAProxy 3.1+ a demux
+    # buffer filled by one read blocks that connection for good (mux_spop.c:
+    # SPOP_CF_DEM_BLOCK_ANY includes SPOP_CF_DEM_DFULL). So in a backlog the
+    # agent keeps only the newest NOTIFYs, waits a moment for the rest of the
+    # backlog to be read, then answers those few in one write.
+    _BACKLOG_SETTLE = 0.002
+
+    def _hold_backlog(self, events: list[Event]) -> list[Event]:
+        """Keep the newest NOTIFYs of a backlog aside; the control events go on."""
+        backlog = self._backlog
+        others: list[Event] = []
+        for event in events:
+            if type(event) is Notify:
+                backlog.append(event)
+            else:
+                others.append(event)
+        if len(backlog) <= self._window and self._backlog_flush is None:
+            # Not a backlog after all (many control frames): answer as usual.
+            self._backlog = []
+            return events
+        stale = len(backlog) - self._window
+        if stale > 0:
+            for event in backlog[:stale]:
+                self._conn.abandon(event.stream_id, event.frame_id)
+            self._stats.stale_notifies += stale
+            del backlog[:stale]
+        if self._backlog_flush is None:
+            self._backlog_flush = self._loop.call_later(self._BACKLOG_SETTLE, self._flush_backlog)
+        return others
+
+    def _flush_backlog(self) -> None:
+        """The backlog is read: answer the NOTIFYs HAProxy may still wait for."""
+        self._backlog_flush = None
+        held, self._backlog = self._backlog, []
+        if self._closing or not held:
+            return
+        if self._conn.buffered:
+            # More of the backlog arrived meanwhile: sort it out first.
+            self._backlog = held
+            self._drive()
+            if self._backlog_flush is not None or not self._backlog:
+                return
+            held, self._backlog = self._backlog, []
+        self._stats.notify_frames += len(held)
+        out = []
+        for event in held:
+            try:
+                result = self._handler(event)
+            except Exception:
+                self._handler_failed("handler raised")
+                out.append(self._ack(event, self._noop))
+                continue
+            frame = self._answer(event, result)
+            if frame is not None:
+                out.append(frame)
+        if out:
+            self._write(out)
+        self._drive()
 
     def _answer(self, event: Notify, result: object) -> bytes | None:
         """The ACK for what a handler returned, or None if an awaitable will answer later."""

@@ -214,6 +214,53 @@ def test_twenty_pipelined_notifies_are_answered_out_of_order() -> None:
     run(scenario())
 
 
+def test_a_backlog_gets_answers_for_its_newest_frames_only() -> None:
+    """After a stall, HAProxy waits for at most peer_window frames; the rest are stale."""
+
+    async def scenario() -> None:
+        async with running_server(by_stream_id, Limits(peer_window=20)) as server:
+            peer = await connected(server)
+            await peer.send(b"".join(notify(sid, 1, [ROUTE]) for sid in range(1, 201, 2)))
+            acks = await peer.frames(20)
+            assert [a.stream_id for a in acks] == list(range(161, 201, 2))
+            assert server.stats.stale_notifies == 80
+            # No more answers for the stale ones, and the connection goes on.
+            await peer.send(notify(301, 1, [ROUTE]))
+            (ack,) = await peer.frames(1)
+            assert ack.stream_id == 301
+            proto = next(iter(server._connections))
+            assert proto._conn.in_flight == 0
+
+    run(scenario())
+
+
+def test_a_backlog_arriving_in_several_reads_is_answered_once_whole() -> None:
+    async def scenario() -> None:
+        async with running_server(by_stream_id, Limits(peer_window=20)) as server:
+            peer = await connected(server)
+            frames = [notify(sid, 1, [ROUTE]) for sid in range(1, 401, 2)]
+            for start in range(0, 200, 50):  # four writes, back to back
+                peer.writer.write(b"".join(frames[start : start + 50]))
+            await peer.writer.drain()
+            acks = await peer.frames(20)
+            assert [a.stream_id for a in acks] == list(range(361, 401, 2))
+            with pytest.raises(TimeoutError):
+                await peer.frames(1, timeout=0.3)
+            assert server.stats.stale_notifies == 180
+
+    run(scenario())
+
+
+def test_without_a_peer_window_every_frame_of_a_backlog_is_answered() -> None:
+    async def scenario() -> None:
+        async with running_server(by_stream_id, Limits(peer_window=0)) as server:
+            peer = await connected(server)
+            await peer.send(b"".join(notify(sid, 1, [ROUTE]) for sid in range(1, 201, 2)))
+            assert len(await peer.frames(100)) == 100
+
+    run(scenario())
+
+
 def test_acks_ready_together_go_out_in_one_write() -> None:
     writes: list[int] = []
 

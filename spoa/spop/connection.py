@@ -397,6 +397,10 @@ class Connection:
             raise LocalProtocolError(f"no NOTIFY {stream_id}/{frame_id} in flight") from None
         return _ACK_HEAD.pack(body, _ACK, _FIN) + sid + fid + actions
 
+    def abandon(self, stream_id: int, frame_id: int) -> None:
+        """Forget a NOTIFY in flight without answering it (HAProxy gave up on it)."""
+        self._pending.discard((stream_id, frame_id))
+
     def disconnect(self, status: Status | int = Status.NORMAL, message: str = "") -> bytes:
         """AGENT-DISCONNECT (SPOE.txt 3.2.9); close the socket once written."""
         if self.state is ConnectionState.CLOSED:
