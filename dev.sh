@@ -193,8 +193,17 @@ case "$cmd" in
         "$VENV/bin/ruff" format --check spoa tests bench setup.py
         say "mypy (strict)"
         "$VENV/bin/mypy"
-        say "pytest"
-        exec "$PY" -m pytest "$@"
+        say "pytest (HAProxy $("$(command -v haproxy || echo /usr/sbin/haproxy)" -v | head -1 | cut -d' ' -f3))"
+        "$PY" -m pytest "$@"
+        # Then the suites that run HAProxy, on each 3.x build: always in CI,
+        # locally when SPOA_HAPROXY_VERSIONS names them (e.g. "3.4.0").
+        versions=${SPOA_HAPROXY_VERSIONS:-}
+        [ -n "$versions" ] || [ "${CI:-}" != true ] || versions="3.0.11 3.2.0 3.4.0"
+        for version in $versions; do
+            binary=$(haproxy_build "$version")
+            say "pytest -m 'integration or e2e' on HAProxy $version"
+            SPOA_HAPROXY=$binary "$PY" -m pytest -m "integration or e2e" "$@"
+        done
         ;;
     haproxy)
         # ./dev.sh haproxy VERSION: print the path of HAProxy VERSION, built if needed.
