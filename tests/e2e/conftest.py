@@ -1,8 +1,9 @@
 """The real Synapse deployment of the end-to-end suite, shared by its modules.
 
-One deployment for the whole session (PostgreSQL, Redis, Synapse's main
-process and workers, HAProxy with the shipped configuration, the agent), and
-the Matrix client helpers the tests use.
+One deployment for the e2e package (PostgreSQL, Redis, Synapse's main
+process and workers, HAProxy with the shipped configuration, the agent),
+stopped once its last test has run, and the Matrix client helpers the tests
+use.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class Deployment:
             time.sleep(0.05)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     started = time.monotonic()
     workdir = tmp_path_factory.mktemp("e2e")
