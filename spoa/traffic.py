@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 
+from .matrix import syt_localpart
 from .spop import Message
 
 
@@ -86,15 +87,13 @@ def mas_token(localpart: str, rng: random.Random) -> str:
 
 def demo_token_user(token: str) -> str | None:
     """The localpart a token of this module names (what the demo's whoami answers)."""
+    if not token.startswith("mat_"):
+        return syt_localpart(token)
+    encoded, dot, _ = token[4:].partition(".")
+    if not dot:
+        return None
     try:
-        if token.startswith("mat_") and "." in token:
-            encoded = token[4:].partition(".")[0]
-            raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
-        elif token.startswith("syt_") and token.count("_") >= 3:
-            encoded = token.split("_")[1]
-            raw = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
-        else:
-            return None
+        raw = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
         return raw.decode("utf-8") or None
     except (ValueError, UnicodeDecodeError):
         return None
