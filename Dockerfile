@@ -19,7 +19,7 @@ COPY policies /etc/spoa/policies
 
 USER nobody
 # SPOP for HAProxy, and the agent's HTTP endpoint (metrics, health, status page).
-EXPOSE 12345 9090
+EXPOSE 12345 12346
 ENTRYPOINT ["spoa"]
 CMD ["serve", "--policy", "/etc/spoa/policies/synapse-workers.yaml", \
-     "--listen", "0.0.0.0:12345", "--http", "0.0.0.0:9090"]
+     "--listen", "0.0.0.0:12345", "--http", "0.0.0.0:12346"]

@@ -13,7 +13,7 @@ from ipaddress import ip_address
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import __version__
+from . import DEFAULT_HTTP, __version__
 from .demo.run import run as demo_run
 from .demo.workers import WorkerSpec, start_workers
 from .haproxycfg import check_haproxy, format_report
@@ -65,10 +65,10 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--http",
-        default="127.0.0.1:9090",
+        default=DEFAULT_HTTP,
         metavar="ADDR",
         help="HTTP endpoint for /metrics, /healthz and the status page: HOST:PORT "
-        "(default 127.0.0.1:9090), or 'off'",
+        f"(default {DEFAULT_HTTP}), or 'off'",
     )
     serve.add_argument(
         "--poll-interval",
@@ -133,7 +133,7 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--stats-port", type=int, default=8404)
     demo.add_argument("--agent-port", type=int, default=12345)
     demo.add_argument(
-        "--agent-http", default="127.0.0.1:9090", help="the agent's status page and metrics"
+        "--agent-http", default=DEFAULT_HTTP, help="the agent's status page and metrics"
     )
     demo.add_argument("--burst", type=int, default=600, help="requests to send at start")
     demo.add_argument("--workdir", default="run", help="logs and state (default ./run)")

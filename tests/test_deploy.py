@@ -126,7 +126,7 @@ def test_the_agent_reads_a_policy_from_the_mounted_directory() -> None:
     host_file = ROOT / source / Path(policy).relative_to(target)
     assert host_file.exists()
     load_policy(str(host_file))
-    assert "--http" in command and command[command.index("--http") + 1].endswith(":9090")
+    assert "--http" in command and command[command.index("--http") + 1].endswith(":12346")
 
 
 def test_dockerfile_copies_files_that_exist() -> None:

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import DEFAULT_HTTP
 from ..policy import load_policy
 from .dns import Zone, serve_dns
 from .workers import DemoWorker, WorkerSpec
@@ -108,7 +109,7 @@ class Router:
     stats_port: int = 8404
     agent_port: int = 12345
     #: The agent's HTTP endpoint (metrics, status page); port 0 picks one.
-    agent_http: str = "127.0.0.1:9090"
+    agent_http: str = DEFAULT_HTTP
     check_inter: str = "1s"
     poll_interval: float = 1.0
     haproxy_dir: Path = REPO / "haproxy"
