@@ -32,6 +32,9 @@ class HttpRequest:
     target: str
     version: str
     headers: dict[str, str]
+    #: The address the request came in on, HOST:PORT (what a proxy in front
+    #: logs as the server's address).
+    local: str = ""
 
     @property
     def path(self) -> str:
@@ -49,7 +52,7 @@ class HttpResponse:
 Handler = Callable[[HttpRequest], Awaitable[HttpResponse] | HttpResponse]
 
 
-async def read_request(reader: asyncio.StreamReader) -> HttpRequest | None:
+async def read_request(reader: asyncio.StreamReader, local: str = "") -> HttpRequest | None:
     """The next request on a connection (its body read and dropped), or None at EOF."""
     try:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -67,7 +70,7 @@ async def read_request(reader: asyncio.StreamReader) -> HttpRequest | None:
         if sep:
             headers[name.strip().lower()] = value.strip()
     await _skip_body(reader, headers)
-    return HttpRequest(parts[0], parts[1], parts[2], headers)
+    return HttpRequest(parts[0], parts[1], parts[2], headers, local)
 
 
 async def _skip_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> None:
@@ -96,6 +99,13 @@ def encode_response(response: HttpResponse, keep_alive: bool) -> bytes:
     ]
     head += [f"{name}: {value}" for name, value in response.headers.items()]
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + response.body
+
+
+def _address(sockname: object) -> str:
+    if isinstance(sockname, tuple) and len(sockname) >= 2:
+        host = str(sockname[0])
+        return f"[{host}]:{sockname[1]}" if ":" in host else f"{host}:{sockname[1]}"
+    return ""
 
 
 class HttpServer:
@@ -132,8 +142,9 @@ class HttpServer:
         task = asyncio.current_task()
         assert task is not None
         self._connections[task] = writer
+        local = _address(writer.get_extra_info("sockname"))
         try:
-            while (request := await read_request(reader)) is not None:
+            while (request := await read_request(reader, local)) is not None:
                 result = self.handler(request)
                 response = result if isinstance(result, HttpResponse) else await result
                 keep_alive = (

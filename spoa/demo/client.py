@@ -17,6 +17,8 @@ class Outcome:
     status: int
     worker: str
     worker_class: str
+    #: The worker's address as it answered (HAProxy logs the same as srv=).
+    address: str = ""
 
 
 def send(
@@ -45,7 +47,8 @@ def send(
                 pass
         if not worker_class and worker:
             worker_class = worker.rsplit("-", 1)[0]
-        return Outcome(request, response.status, worker, worker_class)
+        address = response.getheader("X-Served-Address", "")
+        return Outcome(request, response.status, worker, worker_class, address)
     except (OSError, http.client.HTTPException):
         return Outcome(request, 0, "", "")
     finally:

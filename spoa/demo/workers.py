@@ -85,7 +85,9 @@ class DemoWorker:
 
     def _answer(self, request: HttpRequest) -> HttpResponse:
         self.requests += 1
-        served_by = {"X-Served-By": self.spec.name}
+        # The name, and the address HAProxy logs as srv= (the slot names of
+        # server-template, w1, w2, ..., say nothing about which worker it is).
+        served_by = {"X-Served-By": self.spec.name, "X-Served-Address": request.local}
         path = request.path
         if path == "/health":
             return HttpResponse(200, b"OK", headers=served_by)
@@ -101,6 +103,7 @@ class DemoWorker:
         else:
             document = {
                 "worker": self.spec.name,
+                "address": request.local,
                 "class": self.spec.worker_class,
                 "method": request.method,
                 "path": path,

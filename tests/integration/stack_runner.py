@@ -94,10 +94,10 @@ def log_fields(line: str) -> dict[str, str]:
     """The key=value fields of one HAProxy log line of the shipped log-format."""
     fields = dict(_FIELD.findall(line))
     parts = line.split()
-    # %ci:%cp [%tr] %ft %b/%s timers %ST %B %tsc %HM %HPO key=value...
-    if len(parts) > 9:
+    # %ci:%cp [%tr] %ft %b/%s srv=%si:%sp timers %ST %B %tsc %HM %HPO key=value...
+    if len(parts) > 10:
         fields["backend_server"] = parts[3]
-        fields["status"] = parts[5]
-        fields["method"] = parts[8]
-        fields["path"] = parts[9]
+        fields["status"] = parts[6]
+        fields["method"] = parts[9]
+        fields["path"] = parts[10]
     return fields

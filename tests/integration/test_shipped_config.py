@@ -98,6 +98,8 @@ def test_every_class_of_synapse_workers_reaches_its_backend(
         assert fields["via"] == "agent"
         assert fields["class"] == worker_class
         assert fields["backend_server"].startswith(f"be_{worker_class}/")
+        # The log names the worker that answered by its address.
+        assert outcome.address and fields["srv"] == outcome.address, (fields, outcome)
 
 
 def test_native_sliding_sync_reaches_the_sync_workers_by_agent_and_by_fallback(
