@@ -153,6 +153,10 @@ class StatusApp:
             "default_share": round(default_rate / total_rate, 4) if total_rate else 0.0,
             "by_class": {k: round(v, 2) for k, v in sorted(by_class.items())},
             "by_rule": {k: round(v, 2) for k, v in sorted(by_rule.items())},
+            # Shares of the unrounded rates: at low traffic, shares of rates
+            # rounded to 0.01/s disagree with each other and with the total.
+            "class_shares": _shares(by_class, total_rate),
+            "rule_shares": _shares(by_rule, total_rate),
             "totals_by_class": dict(sorted(totals_by_class.items())),
             "decisions_total": sum(totals_by_class.values()),
             "mean_decision_us": round(self.decisions.latency_sum_ns / count / 1000, 2)
@@ -189,6 +193,10 @@ class StatusApp:
         }
 
 
+def _shares(rates: Mapping[str, float], total: float) -> dict[str, float]:
+    return {k: round(v / total, 4) if total else 0.0 for k, v in sorted(rates.items())}
+
+
 def _ago(seconds: float) -> str:
     seconds = max(0, int(seconds))
     if seconds < 120:
@@ -198,13 +206,13 @@ def _ago(seconds: float) -> str:
     return f"{seconds // 3600} h ago"
 
 
-def _rows(rates: Mapping[str, float], total: float) -> str:
+def _rows(rates: Mapping[str, float], shares: Mapping[str, float]) -> str:
     if not rates:
         return '<tr><td colspan="3" class="muted">no decisions in the window</td></tr>'
     return "".join(
         f"<tr><td>{html.escape(name)}</td><td class=num>{rate:.2f}</td>"
-        f"<td class=num>{(100 * rate / total if total else 0):.1f}%</td></tr>"
-        for name, rate in sorted(rates.items(), key=lambda kv: -kv[1])
+        f"<td class=num>{100 * shares.get(name, 0.0):.1f}%</td></tr>"
+        for name, rate in sorted(rates.items(), key=lambda kv: -shares.get(kv[0], 0.0))
     )
 
 
@@ -257,6 +265,7 @@ table {{ border-collapse: collapse; min-width: 28em; }}
 td, th {{ border-bottom: 1px solid #ddd; padding: .25em .8em; text-align: left; }}
 .num {{ text-align: right; font-variant-numeric: tabular-nums; }}
 .muted {{ color: #888; }} .error {{ background: #fee; border: 1px solid #c00; padding: .5em; }}
+.error pre {{ white-space: pre-wrap; overflow-wrap: anywhere; margin: .5em 0 0; }}
 .big {{ font-size: 1.6em; font-weight: bold; }}
 </style></head>
 <body>
@@ -270,10 +279,10 @@ td, th {{ border-bottom: 1px solid #ddd; padding: .25em .8em; text-align: left; 
     }.</p>
 <h2>By class</h2>
 <table><thead><tr><th>class</th><th class=num>per second</th><th class=num>share</th></tr></thead>
-<tbody id=classes>{_rows(snap["by_class"], total)}</tbody></table>
+<tbody id=classes>{_rows(snap["by_class"], snap["class_shares"])}</tbody></table>
 <h2>By rule</h2>
 <table><thead><tr><th>rule</th><th class=num>per second</th><th class=num>share</th></tr></thead>
-<tbody id=rules>{_rows(snap["by_rule"], total)}</tbody></table>
+<tbody id=rules>{_rows(snap["by_rule"], snap["rule_shares"])}</tbody></table>
 <h2>HAProxy</h2>
 <p id=connections>{conns["open"]} connections open, {conns["accepted"]} accepted since start,
 {conns["healthchecks"]} health checks, {conns["refused"]} refused; protocol errors: {errors};
@@ -283,15 +292,15 @@ handler errors: {snap["handler_errors"]}.</p>
 <a href="/status.json">/status.json</a> · updated <span id=updated>now</span></p>
 <script>
 "use strict";
-function rows(rates, total) {{
-  const names = Object.keys(rates).sort((a, b) => rates[b] - rates[a]);
+function rows(rates, shares) {{
+  const names = Object.keys(rates).sort((a, b) => shares[b] - shares[a]);
   if (!names.length) {{
     return '<tr><td colspan="3" class="muted">no decisions in the window</td></tr>';
   }}
   const entities = {{"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}};
   const esc = s => s.replace(/[&<>"]/g, c => entities[c]);
   return names.map(n => `<tr><td>${{esc(n)}}</td><td class=num>${{rates[n].toFixed(2)}}</td>` +
-    `<td class=num>${{(total ? 100 * rates[n] / total : 0).toFixed(1)}}%</td></tr>`).join("");
+    `<td class=num>${{(100 * shares[n]).toFixed(1)}}%</td></tr>`).join("");
 }}
 const shown = {json.dumps([policy["version"], policy["last_error"]] if policy else None)};
 async function refresh() {{
@@ -307,8 +316,8 @@ async function refresh() {{
     document.getElementById("window").textContent = snap.window_seconds.toFixed(0);
     document.getElementById("default").textContent = (100 * snap.default_share).toFixed(1) + "%";
     document.getElementById("total").textContent = snap.decisions_total;
-    document.getElementById("classes").innerHTML = rows(snap.by_class, total);
-    document.getElementById("rules").innerHTML = rows(snap.by_rule, total);
+    document.getElementById("classes").innerHTML = rows(snap.by_class, snap.class_shares);
+    document.getElementById("rules").innerHTML = rows(snap.by_rule, snap.rule_shares);
     if (snap.policy) document.getElementById("version").textContent = snap.policy.version;
     document.getElementById("updated").textContent = new Date().toLocaleTimeString();
   }} catch (e) {{

@@ -192,3 +192,33 @@ def test_status_page_shows_version_classes_and_a_rejected_edit(
     assert "The last edit was rejected" in page
     assert "missing required key" in page
     assert "http://" not in page and "https://" not in page  # no external assets
+
+
+def test_shares_at_low_traffic_agree_with_each_other_and_the_headline(
+    parts: tuple[PolicyHolder, RouteHandler, SpopServer, StatusApp],
+) -> None:
+    _, handler, _, app = parts
+    for _ in range(10):
+        route(handler, "GET", "/_matrix/client/v3/sync", query="since=1", auth=f"Bearer {TOKEN}")
+    route(handler, "GET", "/nothing/routes/this")  # the policy's default: main
+    # Eleven decisions in a minute: rates of 0.17/s and 0.02/s once rounded.
+    first = app.rates._samples[0]
+    app.rates._samples[0] = type(first)(first.at - 60, first.counts)
+    snap = app.snapshot()
+    assert sum(snap["class_shares"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert snap["class_shares"]["main"] == snap["default_share"] == pytest.approx(1 / 11, abs=1e-4)
+    page = render_page(snap)
+    assert re.search(r"<span id=default>9\.1%</span>", page)
+    assert re.search(r"<td>main</td><td class=num>0\.02</td><td class=num>9\.1%</td>", page)
+    assert re.search(r"<td>synchrotron</td><td class=num>0\.17</td><td class=num>90\.9%</td>", page)
+
+
+def test_a_long_rejected_edit_wraps_inside_its_box(
+    parts: tuple[PolicyHolder, RouteHandler, SpopServer, StatusApp],
+) -> None:
+    holder, _, _, app = parts
+    Path(holder.path).write_text("rules:\n  - name: " + "x" * 400 + "\n    match: [\n")
+    holder.reload()
+    page = render_page(app.snapshot())
+    assert "The last edit was rejected" in page
+    assert re.search(r"\.error pre \{[^}]*white-space: pre-wrap[^}]*overflow-wrap: anywhere", page)
