@@ -26,6 +26,7 @@ from .server import Handler, Limits, SpopServer, parse_listen, static_handler
 from .spop import Scope, SetVar
 from .stats import DecisionStats
 from .status import StatusApp
+from .synapsecfg import Level, SynapseConfigError, check_synapse, load_synapse
 from .traffic import Deployment, generate
 from .whoami import WhoamiResolver, WhoamiStats
 
@@ -119,6 +120,21 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="CFG",
         help="also check this HAProxy configuration: a backend for every class, "
         "and Lua fallback arguments that agree with the policy",
+    )
+    check.add_argument(
+        "--synapse",
+        nargs="+",
+        metavar=("HOMESERVER_YAML", "WORKER_YAML"),
+        help="also check Synapse's configuration (homeserver.yaml, then the worker files): "
+        "a worker for every class, every stream's requests on its writer, media where "
+        "the media repository is on",
+    )
+    check.add_argument(
+        "--not-synapse",
+        action="append",
+        default=[],
+        metavar="CLASS",
+        help="a class served by something else than Synapse (for example mas); repeatable",
     )
 
     demo = commands.add_parser(
@@ -314,6 +330,7 @@ def _check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         f"key {policy.default.key.value}, seed {policy.seed}",
         file=out,
     )
+    status = 0
     if args.haproxy:
         try:
             with open(args.haproxy, encoding="utf-8") as handle:
@@ -324,8 +341,19 @@ def _check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         report = check_haproxy(config, policy)
         for line in format_report(report, args.haproxy, args.policy):
             print(line, file=out if line.startswith(("ok", "note")) else err)
-        return 0 if report.ok else 1
-    return 0
+        status = max(status, 0 if report.ok else 1)
+    if args.synapse:
+        try:
+            synapse = load_synapse(args.synapse[0], args.synapse[1:])
+        except SynapseConfigError as exc:
+            print(f"error: {exc}", file=err)
+            return 1
+        findings = check_synapse(policy, args.policy, synapse, args.not_synapse)
+        for finding in findings:
+            print(finding, file=err if finding.level is Level.ERROR else out)
+        if any(f.level is Level.ERROR for f in findings):
+            status = 1
+    return status
 
 
 def _demo_worker(args: argparse.Namespace) -> int:

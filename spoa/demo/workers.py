@@ -107,6 +107,8 @@ class DemoWorker:
                 "class": self.spec.worker_class,
                 "method": request.method,
                 "path": path,
+                # What Synapse reads with x_forwarded: true.
+                "forwarded_proto": request.headers.get("x-forwarded-proto", ""),
             }
         return HttpResponse(200, json.dumps(document).encode(), "application/json", served_by)
 

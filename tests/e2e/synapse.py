@@ -1,12 +1,11 @@
 """A real Synapse deployment with workers on loopback, for end-to-end tests.
 
 PostgreSQL (a private cluster) and Redis from Debian's packages; Synapse from
-PyPI in its own virtual environment (.venv-synapse, made by ./dev.sh test);
-the main process and workers configured as Synapse's docs/workers.md says:
-every worker with client and federation resources on its own HTTP port, the
-media worker with the media resource (media off on main), the typing and the
-thread subscriptions (MSC4306, experimental) stream writers and main with
-replication listeners in the instance map, Redis for replication.
+PyPI in its own virtual environment (.venv-synapse, made by ./dev.sh test).
+The main process and the workers are the shipped deploy/synapse/ files:
+homeserver-workers.yaml merged into the suite's homeserver.yaml, one process
+per file of workers/, with only what a machine decides replaced (ports,
+bind addresses, instance_map hosts, Redis, the database, log files).
 """
 
 from __future__ import annotations
@@ -23,10 +22,12 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from spoa.demo.stack import stop_process
+from spoa.synapsecfg import load_synapse
 from tests.integration.harness import free_port, port_open, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,30 +35,37 @@ SYNAPSE_PYTHON = ROOT / ".venv-synapse" / "bin" / "python"
 SERVER_NAME = "spoa.test"
 
 
+DEPLOY = ROOT / "deploy" / "synapse"
+HOMESERVER_FRAGMENT = DEPLOY / "homeserver-workers.yaml"
+WORKER_FILES = sorted((DEPLOY / "workers").glob("*.yaml"))
+
+
 @dataclass(frozen=True)
 class WorkerDef:
-    """One Synapse process: its name, the routing class it serves, its role."""
+    """One Synapse worker of deploy/synapse/: its name and the routing class it serves."""
 
     name: str
     worker_class: str
-    media: bool = False
-    stream_writer: str | None = None
+    #: Whether HAProxy sends it anything (a client, federation or media listener).
+    routed: bool
+    config: dict[str, Any]
 
 
-#: The topology of the end-to-end suite: at least what the issue asks for.
-WORKERS: Sequence[WorkerDef] = (
-    WorkerDef("sync1", "synchrotron"),
-    WorkerDef("sync2", "synchrotron"),
-    WorkerDef("client_reader1", "client_reader"),
-    WorkerDef("event_creator1", "event_creator"),
-    WorkerDef("federation_reader1", "federation_reader"),
-    WorkerDef("federation_inbound1", "federation_inbound"),
-    WorkerDef("media1", "media_repository", media=True),
-    WorkerDef("typing1", "typing", stream_writer="typing"),
-    WorkerDef(
-        "thread_subscriptions1", "thread_subscriptions", stream_writer="thread_subscriptions"
-    ),
-)
+def _workers() -> tuple[WorkerDef, ...]:
+    deployment = load_synapse(str(HOMESERVER_FRAGMENT), [str(p) for p in WORKER_FILES])
+    return tuple(
+        WorkerDef(
+            process.name,
+            process.worker_class,
+            process.serves("client", "federation", "media"),
+            yaml.safe_load(Path(process.source).read_text()),
+        )
+        for process in deployment.workers
+    )
+
+
+#: The topology of the end-to-end suite: deploy/synapse/ as shipped.
+WORKERS: Sequence[WorkerDef] = _workers()
 
 
 def _binary(name: str) -> str:
@@ -116,7 +124,8 @@ class Postgres:
                     "-o",
                     f"-p {self.port} -k {self.directory} "
                     "-c listen_addresses=127.0.0.1 -c fsync=off "
-                    "-c synchronous_commit=off -c full_page_writes=off",
+                    "-c synchronous_commit=off -c full_page_writes=off "
+                    "-c max_connections=200",
                     "start",
                 ]
             ),
@@ -209,16 +218,34 @@ class Synapse:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     shared_secret: str = field(default_factory=lambda: secrets.token_hex(16))
 
+    def _listeners(self, name: str, listeners: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The shipped listeners on free loopback ports; records which port is which."""
+        placed = []
+        for shipped in listeners:
+            listener = {**shipped, "port": free_port(), "bind_addresses": ["127.0.0.1"]}
+            names = {n for r in listener.get("resources", []) for n in r.get("names", [])}
+            if "replication" in names:
+                self.replication_ports[name] = listener["port"]
+            else:
+                self.ports[name] = listener["port"]
+            placed.append(listener)
+        return placed
+
     def write_config(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        for worker in WORKERS:
-            self.ports[worker.name] = free_port()
-            if worker.stream_writer:
-                self.replication_ports[worker.name] = free_port()
-        instance_map = {"main": {"host": "127.0.0.1", "port": self.main_replication_port}}
-        for name, port in self.replication_ports.items():
-            instance_map[name] = {"host": "127.0.0.1", "port": port}
-        media = next(w.name for w in WORKERS if w.media)
+        shipped = yaml.safe_load(HOMESERVER_FRAGMENT.read_text())
+        listeners = self._listeners("main", shipped.pop("listeners"))
+        self.main_port = self.ports.pop("main")
+        self.main_replication_port = self.replication_ports.pop("main")
+        worker_listeners = {
+            w.name: self._listeners(w.name, w.config["worker_listeners"]) for w in WORKERS
+        }
+        replication = {"main": self.main_replication_port, **self.replication_ports}
+        instance_map = {
+            name: {"host": "127.0.0.1", "port": replication[name]}
+            for name in shipped.pop("instance_map")
+        }
+        shipped.pop("redis")
         config = {
             "server_name": SERVER_NAME,
             "public_baseurl": self.public_baseurl,
@@ -226,21 +253,6 @@ class Synapse:
             "signing_key_path": str(self.workdir / "signing.key"),
             "media_store_path": str(self.workdir / "media"),
             "log_config": str(self._log_config("main")),
-            "listeners": [
-                {
-                    "port": self.main_port,
-                    "bind_addresses": ["127.0.0.1"],
-                    "type": "http",
-                    "x_forwarded": True,
-                    "resources": [{"names": ["client", "federation"]}],
-                },
-                {
-                    "port": self.main_replication_port,
-                    "bind_addresses": ["127.0.0.1"],
-                    "type": "http",
-                    "resources": [{"names": ["replication"]}],
-                },
-            ],
             "database": {
                 "name": "psycopg2",
                 "args": {
@@ -249,16 +261,12 @@ class Synapse:
                     "host": "127.0.0.1",
                     "port": self.postgres.port,
                     "cp_min": 1,
-                    "cp_max": 5,
+                    "cp_max": 3,
                 },
             },
             "redis": {"enabled": True, "host": "127.0.0.1", "port": self.redis.port},
-            "instance_map": instance_map,
-            "stream_writers": {w.stream_writer: [w.name] for w in WORKERS if w.stream_writer},
-            "enable_media_repo": False,
             # matrix-nio downloads through the legacy /_matrix/media/v3 endpoints.
             "enable_authenticated_media": False,
-            "media_instance_running_background_jobs": media,
             "enable_registration": True,
             "enable_registration_without_verification": True,
             "registration_shared_secret": self.shared_secret,
@@ -266,8 +274,6 @@ class Synapse:
             "suppress_key_server_warning": True,
             "url_preview_enabled": False,
             "presence": {"enabled": True},
-            # MSC4306 thread subscriptions (served by their stream writer only).
-            "experimental_features": {"msc4306_enabled": True},
             # The suite registers, logs in and sends quickly from one address.
             "rc_message": {"per_second": 1000, "burst_count": 1000},
             "rc_registration": {"per_second": 1000, "burst_count": 1000},
@@ -282,36 +288,18 @@ class Synapse:
             },
             "rc_presence": {"per_user": {"per_second": 1000, "burst_count": 1000}},
             "bcrypt_rounds": 4,
+            # The shipped worker settings, as they are.
+            **shipped,
+            "listeners": listeners,
+            "instance_map": instance_map,
         }
         (self.workdir / "homeserver.yaml").write_text(yaml.safe_dump(config))
         for worker in WORKERS:
-            resources = ["client", "federation"] + (["media"] if worker.media else [])
-            listeners = [
-                {
-                    "type": "http",
-                    "port": self.ports[worker.name],
-                    "bind_addresses": ["127.0.0.1"],
-                    "x_forwarded": True,
-                    "resources": [{"names": resources}],
-                }
-            ]
-            if worker.name in self.replication_ports:
-                listeners.append(
-                    {
-                        "type": "http",
-                        "port": self.replication_ports[worker.name],
-                        "bind_addresses": ["127.0.0.1"],
-                        "resources": [{"names": ["replication"]}],
-                    }
-                )
-            worker_config: dict[str, object] = {
-                "worker_app": "synapse.app.generic_worker",
-                "worker_name": worker.name,
-                "worker_listeners": listeners,
+            worker_config = {
+                **worker.config,
+                "worker_listeners": worker_listeners[worker.name],
                 "worker_log_config": str(self._log_config(worker.name)),
             }
-            if worker.media:
-                worker_config["enable_media_repo"] = True
             (self.workdir / f"{worker.name}.yaml").write_text(yaml.safe_dump(worker_config))
 
     def _log_config(self, name: str) -> Path:
@@ -426,7 +414,10 @@ class Synapse:
         """Worker class -> [(worker name, port)], for the router's DNS zone."""
         found: dict[str, list[tuple[str, int]]] = {}
         for worker in WORKERS:
-            found.setdefault(worker.worker_class, []).append((worker.name, self.ports[worker.name]))
+            if worker.routed:
+                found.setdefault(worker.worker_class, []).append(
+                    (worker.name, self.ports[worker.name])
+                )
         return found
 
     def rss_bytes(self) -> int:

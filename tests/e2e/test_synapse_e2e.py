@@ -146,12 +146,12 @@ def test_every_client_operation_succeeds_and_lands_where_the_policy_says(
             per_user[line["key"]].add(deployment.worker_of(line))
     assert len(per_user) == USERS
     assert all(len(workers) == 1 for workers in per_user.values()), per_user
-    assert {next(iter(w)) for w in per_user.values()} == {"sync1", "sync2"}
+    assert {next(iter(w)) for w in per_user.values()} == {"synchrotron-1", "synchrotron-2"}
 
     # Room creations on the event creator, keyed by their user.
     creations = [x for x in lines if x["rule"] == "room_creation"]
     assert len(creations) == 3 and len({x["key"] for x in creations}) == 1, creations
-    assert all(deployment.worker_of(x) == "event_creator1" for x in creations)
+    assert all(deployment.worker_of(x) == "event_creator-1" for x in creations)
 
     # One room's sends on one event creator.
     per_room: dict[str, set[str]] = defaultdict(set)
@@ -159,14 +159,16 @@ def test_every_client_operation_succeeds_and_lands_where_the_policy_says(
         if line["rule"] == "event_sending" and "/send/" in line["path"]:
             per_room[line["key"]].add(deployment.worker_of(line))
     assert len(per_room) == 3
-    assert all(workers == {"event_creator1"} for workers in per_room.values())
+    assert all(workers == {"event_creator-1"} for workers in per_room.values())
 
     # Media on the media repository, and only there.
     media = [x for x in lines if "/media/" in x["path"]]
     assert len(media) >= 5
-    assert all(deployment.worker_of(x) == "media1" for x in media)
+    assert all(deployment.worker_of(x) == "media_repository-1" for x in media)
     assert all(x["rule"] == "media" for x in media)
-    assert all("/media/" not in x["path"] for x in lines if deployment.worker_of(x) != "media1")
+    assert all(
+        "/media/" not in x["path"] for x in lines if deployment.worker_of(x) != "media_repository-1"
+    )
 
 
 def test_a_stopped_sync_worker_hands_its_users_over_and_gets_them_back(
@@ -195,17 +197,17 @@ def test_a_stopped_sync_worker_hands_its_users_over_and_gets_them_back(
 
         _, home = await phase(3)
         assert len(home) == USERS and all(len(w) == 1 for w in home.values()), home
-        on_sync1 = {key for key, w in home.items() if w == {"sync1"}}
+        on_sync1 = {key for key, w in home.items() if w == {"synchrotron-1"}}
         assert on_sync1 and len(on_sync1) < USERS, "both sync workers must have users"
 
-        synapse.stop_worker("sync1")
+        synapse.stop_worker("synchrotron-1")
         await asyncio.sleep(1.5)  # let the health check mark sync1 down
         ok, moved = await phase(4)
         assert ok >= USERS
-        assert all(w == {"sync2"} for w in moved.values()), moved
+        assert all(w == {"synchrotron-2"} for w in moved.values()), moved
 
-        synapse.start_worker("sync1")
-        synapse.wait_worker("sync1")
+        synapse.start_worker("synchrotron-1")
+        synapse.wait_worker("synchrotron-1")
         await asyncio.sleep(2)  # rise 2 x 500 ms
         _, back = await phase(4)
         for key, workers in back.items():
@@ -280,7 +282,7 @@ def test_editing_the_policy_moves_requests_with_no_reload(deployment: Deployment
         mark = deployment.log_size()
         assert isinstance(await user.client.room_messages(room, limit=5), RoomMessagesResponse)
         (before,) = deployment.wait_lines(mark, lambda x: x.get("rule") == "room_messages")
-        assert deployment.worker_of(before) == "client_reader1"
+        assert deployment.worker_of(before) == "client_reader-1"
 
         text = policy.read_text()
         policy.write_text(
@@ -295,7 +297,7 @@ def test_editing_the_policy_moves_requests_with_no_reload(deployment: Deployment
             page = await user.client.room_messages(room, limit=5)
             assert isinstance(page, RoomMessagesResponse), page
             (line,) = deployment.wait_lines(mark, lambda x: x.get("rule") == "room_messages")
-            if deployment.worker_of(line) == "event_creator1":
+            if deployment.worker_of(line) == "event_creator-1":
                 break
             assert time.monotonic() < deadline, "the policy edit was not applied"
             await asyncio.sleep(0.2)
@@ -308,5 +310,5 @@ def test_editing_the_policy_moves_requests_with_no_reload(deployment: Deployment
     assert router.haproxy.poll() is None
     assert {n: p.pid for n, p in deployment.synapse.procs.items()} == {
         **synapse_pids,
-        "sync1": deployment.synapse.procs["sync1"].pid,
+        "synchrotron-1": deployment.synapse.procs["synchrotron-1"].pid,
     }

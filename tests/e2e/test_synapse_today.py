@@ -106,7 +106,7 @@ def test_native_sliding_sync_reaches_the_sync_workers_each_user_on_one(
         per_user[line["key"]].add(deployment.worker_of(line))
     assert len(per_user) == 6
     assert all(len(w) == 1 for w in per_user.values()), per_user
-    assert set().union(*per_user.values()) == {"sync1", "sync2"}
+    assert set().union(*per_user.values()) == {"synchrotron-1", "synchrotron-2"}
     v2 = [x for x in lines if x["rule"] == "sync"]
     assert len(v2) == 6
     for line in v2:
@@ -142,7 +142,7 @@ def test_thread_subscriptions_reach_their_stream_writer(deployment: Deployment) 
     assert len(lines) == 3
     for line in lines:
         assert (line["class"], line["rule"]) == ("thread_subscriptions", "thread_subscriptions")
-        assert deployment.worker_of(line) == "thread_subscriptions1", line
+        assert deployment.worker_of(line) == "thread_subscriptions-1", line
 
 
 def test_sliding_sync_long_polls_stay_up_while_they_wait(deployment: Deployment) -> None:
@@ -159,3 +159,53 @@ def test_sliding_sync_long_polls_stay_up_while_they_wait(deployment: Deployment)
         await close_all([user])
 
     run(scenario())
+
+
+def test_every_stream_writer_of_deploy_synapse_answers_its_own_requests(
+    deployment: Deployment,
+) -> None:
+    """deploy/synapse/ as shipped: each stream's requests reach its writer, which accepts them."""
+    mark = deployment.log_size()
+    results: dict[str, tuple[int, bytes]] = {}
+
+    async def scenario() -> None:
+        (user,) = await make_users(deployment.url, "hedy", 1)
+        created = await user.client.room_create(name="writers", preset=RoomPreset.public_chat)
+        assert isinstance(created, RoomCreateResponse), created
+        sent = await user.client.room_send(
+            created.room_id, "m.room.message", {"msgtype": "m.text", "body": "read me"}
+        )
+        assert isinstance(sent, RoomSendResponse), sent
+        me, room = user.user_id, created.room_id
+        client = f"{deployment.url}/_matrix/client/v3"
+        calls = {
+            "typing": ("PUT", f"rooms/{room}/typing/{me}", {"typing": True, "timeout": 1000}),
+            "to_device": ("PUT", "sendToDevice/m.spoa.test/t1", {"messages": {me: {"*": {}}}}),
+            "account_data": ("PUT", f"user/{me}/account_data/m.spoa.test", {"a": 1}),
+            "receipts": ("POST", f"rooms/{room}/receipt/m.read/{sent.event_id}", {}),
+            "presence": ("PUT", f"presence/{me}/status", {"presence": "online"}),
+            "push_rules": ("PUT", f"pushrules/global/room/{room}", {"actions": []}),
+            "device_lists": ("PUT", f"devices/{user.client.device_id}", {"display_name": "x"}),
+        }
+        headers = {"Authorization": f"Bearer {user.client.access_token}"}
+        async with aiohttp.ClientSession(headers=headers) as session:
+            for stream, (method, path, body) in calls.items():
+                async with session.request(method, f"{client}/{path}", json=body) as response:
+                    results[stream] = (response.status, await response.read())
+        await close_all([user])
+
+    run(scenario())
+    assert {s: status for s, (status, _) in results.items()} == dict.fromkeys(results, 200), results
+    lines = deployment.wait_lines(mark, lambda x: x["class"] in results, count=len(results))
+    assert {line["class"] for line in lines} == set(results)
+    for line in lines:
+        assert line["status"] == "200", line
+        assert deployment.worker_of(line) == f"{line['class']}-1", line
+
+
+def test_synapse_learns_the_scheme_from_haproxy(deployment: Deployment) -> None:
+    """X-Forwarded-Proto reaches every process: none assumes https for lack of it."""
+    logs = sorted(deployment.synapse.workdir.glob("*.log"))
+    assert len(logs) >= 20
+    complaining = [p.name for p in logs if "lacks an x-forwarded-proto" in p.read_text()]
+    assert complaining == []

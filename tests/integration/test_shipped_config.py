@@ -8,6 +8,8 @@ Lua action when the agent is gone.
 
 from __future__ import annotations
 
+import http.client
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ import pytest
 
 from spoa.demo.client import Outcome
 from spoa.demo.stack import DemoStack
+from spoa.demo.workers import DemoWorker, WorkerSpec
 from spoa.traffic import Deployment, TrafficRequest, generate
 from tests.integration.stack_runner import StackRunner, log_fields, running_stack
 
@@ -132,7 +135,7 @@ def test_with_mas_login_logout_and_refresh_reach_mas_and_never_main(tmp_path: Pa
             assert outcome.worker_class == "mas", outcome
             assert time.monotonic() < deadline, "be_mas never noticed MAS was down"
             time.sleep(0.1)
-        assert outcome.status == 503
+        assert outcome.status == 429
 
 
 def test_every_class_of_simple_reaches_its_backend(tmp_path: Path) -> None:
@@ -244,3 +247,118 @@ def test_agent_killed_mid_traffic_then_fallback_keeps_classes_and_servers_then_a
     outcome, fields = sent(runner, SYNAPSE_SAMPLES["client_reader"])
     assert fields["via"] == "agent"
     assert outcome.worker_class == "client_reader"
+
+
+def raw(
+    runner: StackRunner[DemoStack], method: str, path: str, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """One request to HAProxy: status, headers (lower-case names), body."""
+    conn = http.client.HTTPConnection("127.0.0.1", runner.stack.port, timeout=10)
+    try:
+        conn.request(method, path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def test_a_cors_preflight_is_answered_by_haproxy_without_asking_the_agent(
+    synapse_stack: StackRunner[DemoStack],
+) -> None:
+    before = len(synapse_stack.log())
+    status, headers, body = raw(
+        synapse_stack,
+        "OPTIONS",
+        "/_matrix/client/v3/sync",
+        {"Origin": "https://app.element.io", "Access-Control-Request-Method": "GET"},
+    )
+    assert (status, body) == (204, b"")
+    assert headers["access-control-allow-origin"] == "*"
+    assert "PUT" in headers["access-control-allow-methods"]
+    assert "Authorization" in headers["access-control-allow-headers"]
+    deadline = time.monotonic() + 5
+    while not (lines := synapse_stack.log_lines(before)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    fields = log_fields(lines[-1])
+    # No agent answer, no agent error, no wait: the message was never sent.
+    assert (fields["method"], fields["via"], fields["spoe_err"], fields["spoe_ms"]) == (
+        "OPTIONS",
+        "-",
+        "-",
+        "-",
+    ), fields
+
+
+def test_haproxy_s_own_errors_are_matrix_json_with_cors(
+    synapse_stack: StackRunner[DemoStack],
+) -> None:
+    status, headers, body = raw(synapse_stack, "POST", "/_synapse/replication/send_event/x")
+    assert status == 404
+    assert headers["content-type"] == "application/json"
+    assert headers["access-control-allow-origin"] == "*"
+    assert json.loads(body)["errcode"] == "M_UNRECOGNIZED"
+
+
+def test_a_stream_writer_down_fails_clearly_with_429_and_never_reaches_main(
+    synapse_stack: StackRunner[DemoStack],
+) -> None:
+    stack = synapse_stack.stack
+    request = SYNAPSE_SAMPLES["typing"]
+    assert synapse_stack.send(request).worker_class == "typing"
+    synapse_stack.call(stack.stop_class("typing"))
+    try:
+        deadline = time.monotonic() + 15
+        while (outcome := synapse_stack.send(request)).status == 200:
+            assert outcome.worker_class == "typing", outcome  # never main
+            assert time.monotonic() < deadline, "be_typing never noticed its writer was down"
+            time.sleep(0.1)
+        status, headers, body = raw(synapse_stack, request.method, request.target, request.headers)
+        assert status == 429
+        assert headers["retry-after"] == "5"
+        assert headers["access-control-allow-origin"] == "*"
+        error = json.loads(body)
+        assert error["errcode"] == "M_LIMIT_EXCEEDED" and error["retry_after_ms"] == 5000
+    finally:
+        synapse_stack.call(stack.start_class("typing"))
+        synapse_stack.call(stack.wait_ready(20))
+    assert synapse_stack.send(request).worker_class == "typing"
+
+
+def test_workers_learn_the_scheme_from_the_proxy_in_front_or_from_haproxy(
+    synapse_stack: StackRunner[DemoStack],
+) -> None:
+    path = "/_matrix/client/v3/profile/@alice:x"
+    _, _, body = raw(synapse_stack, "GET", path)
+    assert json.loads(body)["forwarded_proto"] == "http"
+    _, _, body = raw(synapse_stack, "GET", path, {"X-Forwarded-Proto": "https"})
+    assert json.loads(body)["forwarded_proto"] == "https"
+
+
+def test_haproxy_answers_its_own_probes_and_is_unready_without_main(
+    synapse_stack: StackRunner[DemoStack],
+) -> None:
+    stack = synapse_stack.stack
+
+    def probe(path: str) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", stack.stats_port, timeout=5)
+        try:
+            conn.request("GET", path)
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    assert (probe("/healthz"), probe("/ready")) == (200, 200)
+    main = stack.main
+    assert main is not None
+    synapse_stack.call(main.stop())
+    try:
+        deadline = time.monotonic() + 15
+        while probe("/ready") == 200:
+            assert time.monotonic() < deadline, "/ready stayed ready without main"
+            time.sleep(0.1)
+        assert probe("/ready") == 503 and probe("/healthz") == 200
+    finally:
+        again = DemoWorker(WorkerSpec("main-1", "main", "127.0.0.1", main.port))
+        stack.main = synapse_stack.call(again.start())  # on the same port
+        synapse_stack.call(stack.wait_ready(20))
+    assert probe("/ready") == 200
