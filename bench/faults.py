@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from spoa.demo.load import Load, Sample, over  # noqa: E402
+from spoa.demo.ports import free_port  # noqa: E402
 from spoa.demo.stack import DemoStack  # noqa: E402
 from spoa.spop import Message  # noqa: E402
 from spoa.spop.peer import haproxy_hello, notify  # noqa: E402
@@ -56,15 +57,6 @@ SLOW_MS = 90
 SUCCESS = 'spoa_policy_reloads_total{result="success"}'
 FAILURE = 'spoa_policy_reloads_total{result="failure"}'
 POLICY = ROOT / "policies" / "synapse-workers.yaml"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 class Campaign:

@@ -67,6 +67,7 @@ def documents() -> list[dict[str, Any]]:
 
 
 def one(documents: list[dict[str, Any]], kind: str, name_prefix: str) -> dict[str, Any]:
+    found: dict[str, Any]
     (found,) = [
         d for d in documents if d["kind"] == kind and d["metadata"]["name"].startswith(name_prefix)
     ]
@@ -79,6 +80,7 @@ def pod_spec(documents: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def container(documents: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    found: dict[str, Any]
     (found,) = [c for c in pod_spec(documents)["containers"] if c["name"] == name]
     return found
 

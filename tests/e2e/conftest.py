@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from nio import AsyncClient, LoginResponse, RegisterResponse, SyncResponse
 
+from spoa.demo.ports import free_port
 from spoa.demo.stack import Router
 from tests.e2e.synapse import Postgres, Redis, Synapse
-from tests.integration.harness import free_port
 from tests.integration.stack_runner import StackRunner, log_fields
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -26,9 +26,10 @@ from typing import Any
 
 import yaml
 
+from spoa.demo.ports import free_port
 from spoa.demo.stack import stop_process
 from spoa.synapsecfg import load_synapse
-from tests.integration.harness import free_port, port_open, wait_until
+from tests.integration.harness import port_open, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 SYNAPSE_PYTHON = ROOT / ".venv-synapse" / "bin" / "python"

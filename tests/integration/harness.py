@@ -7,7 +7,6 @@ temporary directory, and is stopped by the test that started it.
 from __future__ import annotations
 
 import http.client
-import random
 import re
 import signal
 import socket
@@ -20,7 +19,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Final
 
 from spoa.demo.stack import haproxy_binary, stop_process
 
@@ -93,36 +91,6 @@ def routing_config(
     return _TEST_CONFIG.format(
         workdir=workdir, binds=binds, backends=backends, agent_port=agent_port
     )
-
-
-_HANDED_OUT: set[int] = set()
-
-
-#: Ports handed out come from below the kernel's ephemeral range (32768 and
-#: up by default): a port taken from that range can be given again, before
-#: the test binds it, to any outgoing connection or bind(0) on the machine
-#: (HAProxy's health checks, the demo workers), and the test's bind fails.
-_PORTS: Final = range(20000, 32000)
-_RANDOM = random.Random()
-
-
-def free_port() -> int:
-    """A loopback port free now, outside the ephemeral range, not handed out before.
-
-    A test that takes several ports before starting anything must not get
-    one twice.
-    """
-    while True:
-        port = _RANDOM.choice(_PORTS)
-        if port in _HANDED_OUT:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _HANDED_OUT.add(port)
-        return port
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from spoa.demo.client import Outcome, send
+from spoa.demo.ports import free_port
 from spoa.demo.stack import DemoStack, Router
 from spoa.traffic import TrafficRequest
-from tests.integration.harness import free_port
 
 T = TypeVar("T")
 S = TypeVar("S", bound=Router)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import free_port, port_open
+from spoa.demo.ports import free_port
+from tests.integration.harness import port_open
 
 pytestmark = pytest.mark.integration
 

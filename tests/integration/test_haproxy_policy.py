@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from spoa.demo.ports import free_port
 from tests.integration.harness import (
     TEST_SPOE,
     AgentProcess,
     HAProxy,
-    free_port,
     http_backends,
     routing_config,
     wait_until,

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from spoa.demo.ports import free_port
 from tests.integration.harness import (
     TEST_SPOE,
     AgentProcess,
     HAProxy,
-    free_port,
     http_backends,
     http_request,
     routing_config,

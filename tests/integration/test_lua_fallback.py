@@ -28,10 +28,11 @@ import mmh3
 import pytest
 
 from spoa import haproxycfg
+from spoa.demo.ports import free_port
 from spoa.demo.stack import haproxy_binary
 from spoa.policy import CompiledPolicy, Decision, Request, load_policy
 from spoa.traffic import Deployment, generate
-from tests.integration.harness import HAProxy, free_port, wait_until
+from tests.integration.harness import HAProxy, wait_until
 
 pytestmark = pytest.mark.integration
 

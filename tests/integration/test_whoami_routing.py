@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from spoa.demo.client import send_all
+from spoa.demo.ports import free_port
 from spoa.demo.stack import DemoStack
 from spoa.demo.workers import DemoWorker, WorkerSpec
 from spoa.traffic import TrafficRequest, mas_token
-from tests.integration.harness import free_port
 from tests.integration.stack_runner import StackRunner, running_stack
 
 pytestmark = pytest.mark.integration
