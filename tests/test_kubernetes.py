@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -21,28 +19,10 @@ import yaml
 
 from spoa.demo.stack import env_name
 from spoa.policy import load_policy
+from tests.k8s_render import KUSTOMIZATION, container, kustomize, one, pod_spec
 
 ROOT = Path(__file__).resolve().parent.parent
-KUSTOMIZATION = ROOT / "deploy" / "kubernetes"
 HAPROXY_CFG = (ROOT / "haproxy" / "haproxy.cfg").read_text()
-
-
-def kustomize(directory: Path) -> list[dict[str, Any]]:
-    """The documents ``kubectl apply -k directory`` would send."""
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        if os.environ.get("CI"):
-            pytest.fail("kubectl (with kustomize) is needed to render deploy/kubernetes")
-        pytest.skip("no kubectl here to render deploy/kubernetes")
-    out = subprocess.run(
-        [kubectl, "kustomize", str(directory)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr
-    return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
 def rendered_with_monitoring(tmp_path: Path) -> list[dict[str, Any]]:
@@ -64,25 +44,6 @@ def rendered_with_monitoring(tmp_path: Path) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def documents() -> list[dict[str, Any]]:
     return kustomize(KUSTOMIZATION)
-
-
-def one(documents: list[dict[str, Any]], kind: str, name_prefix: str) -> dict[str, Any]:
-    found: dict[str, Any]
-    (found,) = [
-        d for d in documents if d["kind"] == kind and d["metadata"]["name"].startswith(name_prefix)
-    ]
-    return found
-
-
-def pod_spec(documents: list[dict[str, Any]]) -> dict[str, Any]:
-    spec: dict[str, Any] = one(documents, "Deployment", "matrix-spoa")["spec"]["template"]["spec"]
-    return spec
-
-
-def container(documents: list[dict[str, Any]], name: str) -> dict[str, Any]:
-    found: dict[str, Any]
-    (found,) = [c for c in pod_spec(documents)["containers"] if c["name"] == name]
-    return found
 
 
 def test_every_manifest_validates_strictly_against_current_kubernetes(

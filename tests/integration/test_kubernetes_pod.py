@@ -1,0 +1,410 @@
+"""The pod deploy/kubernetes describes, run for real: HAProxy and the agent with the
+files, environment, arguments and ports the rendered manifests give them.
+
+The pod gets its own network namespace (loopback shared by HAProxy and the agent,
+an address the "cluster" reaches it on, a resolv.conf naming the cluster DNS, as
+the kubelet gives a pod). The cluster side, in the test's namespace: a DNS server
+answering the SRV and A records Kubernetes would publish for the headless
+Services, and demo workers as the Synapse pods behind them. Only the mount points
+move, to a temporary directory, laid out as the kubelet lays out ConfigMap
+volumes (a ``..data`` symlink swapped on update).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import http.client
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import threading
+from collections.abc import Coroutine, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+
+from spoa.demo.dns import Zone, serve_dns
+from spoa.demo.stack import haproxy_binary, stop_process
+from spoa.demo.workers import DemoWorker, WorkerSpec
+from tests.integration.harness import wait_until
+from tests.k8s_render import container, kustomize, one, pod_spec
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+SPOA = ROOT / ".venv" / "bin" / "spoa"
+DOMAIN = "matrix.svc.cluster.local"
+T = TypeVar("T")
+
+SAMPLES = {
+    "synchrotron": ("GET", "/_matrix/client/v3/sync?since=s1"),
+    "event_creator": ("PUT", "/_matrix/client/v3/rooms/%21r%3Ax/send/m.room.message/t1"),
+    "media_repository": ("GET", "/_matrix/client/v1/media/download/example.org/abc"),
+    "federation_inbound": ("PUT", "/_matrix/federation/v1/send/17"),
+    "typing": ("PUT", "/_matrix/client/v3/rooms/!r:x/typing/@alice:x"),
+    "main": ("GET", "/_synapse/client/pick_idp"),
+}
+TOKEN = "syt_YWxpY2U_abcdefghijklmnopqrst_1a2b3c"
+
+
+def service_name(worker_class: str) -> str:
+    return "synapse-" + worker_class.replace("_", "-")
+
+
+@dataclass
+class Cluster:
+    """The cluster side: DNS and Synapse stand-ins, on an event loop of their own."""
+
+    host_ip: str
+    main_ip: str
+    zone: Zone = field(default_factory=Zone)
+    workers: dict[str, list[DemoWorker]] = field(default_factory=dict)
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
+
+    def __post_init__(self) -> None:
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    def publish(self, worker_class: str) -> None:
+        workers = self.workers.get(worker_class, [])
+        name = f"_http._tcp.{service_name(worker_class)}.{DOMAIN}"
+        subdomain = f"{service_name(worker_class)}.{DOMAIN}"
+        self.zone.set_service(
+            name,
+            [
+                (f"{w.spec.name.replace('_', '-')}.{subdomain}", w.spec.host, w.port)
+                for w in workers
+            ],
+        )
+
+    def add(self, worker_class: str, host: str | None = None, port: int = 0) -> DemoWorker:
+        workers = self.workers.setdefault(worker_class, [])
+        spec = WorkerSpec(
+            f"{worker_class}-{len(workers) + 1}", worker_class, host or self.host_ip, port
+        )
+        worker = self.call(DemoWorker(spec).start())
+        workers.append(worker)
+        return worker
+
+    def remove(self, worker_class: str) -> None:
+        worker = self.workers[worker_class].pop()
+        self.call(worker.stop())
+        self.publish(worker_class)
+
+    def close(self) -> None:
+        for workers in self.workers.values():
+            for worker in workers:
+                self.call(worker.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+def write_configmap(directory: Path, files: dict[str, str], generation: int) -> None:
+    """Files as the kubelet writes a ConfigMap volume: ..data swapped atomically."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = directory / f"..2026_12_02_00_00_0{generation}.{random.randrange(10**9)}"
+    for relative, text in files.items():
+        target = stamp / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(text.encode())
+    temporary = directory / "..data_tmp"
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(stamp.name)
+    old = (directory / "..data").resolve() if (directory / "..data").exists() else None
+    os.replace(temporary, directory / "..data")
+    for relative in files:
+        top = relative.split("/")[0]
+        link = directory / top
+        if not link.is_symlink():
+            link.symlink_to(f"..data/{top}")
+    if old is not None and old != stamp:
+        shutil.rmtree(old)
+
+
+@dataclass
+class Pod:
+    namespace: str
+    ip: str
+    root: Path
+    documents: list[dict[str, Any]]
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def mapped(self, name: str, value: str) -> str:
+        """A path of container ``name``, moved under the directory standing for its mounts."""
+        for mount in container(self.documents, name).get("volumeMounts", []):
+            prefix = mount["mountPath"]
+            if value == prefix or value.startswith(prefix + "/"):
+                return str(self.root / container_dir(name, prefix)) + value[len(prefix) :]
+        return value
+
+    def start(self, name: str, program: str) -> None:
+        spec = container(self.documents, name)
+        env = {e["name"]: self.mapped(name, e["value"]) for e in spec.get("env", [])}
+        args = [self.mapped(name, a) for a in spec["args"]]
+        if name == "haproxy":
+            args = args[1:]  # "haproxy" itself, the image's binary
+        log = (self.root / f"{name}.log").open("ab")
+        environment = [f"{k}={v}" for k, v in env.items()]
+        self.procs[name] = subprocess.Popen(
+            ["ip", "netns", "exec", self.namespace, "env", *environment, program, *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+
+    def port(self, container_name: str, port: str | int) -> int:
+        if isinstance(port, int):
+            return port
+        for p in container(self.documents, container_name)["ports"]:
+            if p["name"] == port:
+                return int(p["containerPort"])
+        raise KeyError(port)
+
+    def get(self, port: int, path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+        conn = http.client.HTTPConnection(self.ip, port, timeout=10)
+        try:
+            headers = {"Authorization": f"Bearer {TOKEN}"}
+            if path.startswith("/_matrix/federation"):
+                headers = {"Authorization": 'X-Matrix origin="remote.example",key="k",sig="s"'}
+            conn.request(
+                method, path, body=b"{}" if method in ("PUT", "POST") else None, headers=headers
+            )
+            response = conn.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        except OSError:
+            return 0, {}, b""
+        finally:
+            conn.close()
+
+    def servers(self, backend: str) -> dict[str, str]:
+        """HAProxy's status of each server slot of ``backend`` (main backups left out)."""
+        status, _, body = self.get(self.port("haproxy", "stats"), "/stats;csv")
+        if status != 200:
+            return {}
+        rows = csv.DictReader(io.StringIO(body.decode().lstrip("# ")))
+        return {
+            row["svname"]: row["status"]
+            for row in rows
+            if row["pxname"] == backend and row["svname"] not in ("FRONTEND", "BACKEND", "main")
+        }
+
+    def servers_up(self, backend: str) -> int:
+        return sum(1 for s in self.servers(backend).values() if s.startswith("UP"))
+
+    def log_lines(self, name: str) -> list[str]:
+        return (self.root / f"{name}.log").read_text(errors="replace").splitlines()
+
+
+def container_dir(name: str, mount_path: str) -> str:
+    return f"{name}{mount_path}"
+
+
+def layout_volumes(pod: Pod) -> None:
+    """Each container's volume mounts, filled from the rendered ConfigMaps."""
+    spec = pod_spec(pod.documents)
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    for c in spec["containers"]:
+        for mount in c.get("volumeMounts", []):
+            volume = volumes[mount["name"]]
+            target = pod.root / container_dir(c["name"], mount["mountPath"])
+            files: dict[str, str] = {}
+            if "projected" in volume:
+                for source in volume["projected"]["sources"]:
+                    data = one(pod.documents, "ConfigMap", source["configMap"]["name"])["data"]
+                    for item in source["configMap"]["items"]:
+                        files[item["path"]] = data[item["key"]]
+            elif "configMap" in volume:
+                files = dict(one(pod.documents, "ConfigMap", volume["configMap"]["name"])["data"])
+            else:
+                target.mkdir(parents=True, exist_ok=True)  # an emptyDir
+                continue
+            write_configmap(target, files, 1)
+
+
+@pytest.fixture(scope="module")
+def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pod, Cluster]]:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("a pod's network namespace needs root and iproute2")
+    documents = kustomize(ROOT / "deploy" / "kubernetes")
+    tag = f"{random.randrange(16**4):04x}"
+    namespace, subnet = f"spoa-pod-{tag}", f"10.213.{random.randrange(1, 250)}"
+    host_ip, pod_ip, main_ip = f"{subnet}.1", f"{subnet}.2", f"{subnet}.3"
+    netns_etc = Path("/etc/netns") / namespace
+    root = tmp_path_factory.mktemp("pod")
+    cluster: Cluster | None = None
+    pod = Pod(namespace, pod_ip, root, documents)
+    try:
+        _ip("netns", "add", namespace)
+        _ip("link", "add", f"spk{tag}h", "type", "veth", "peer", "name", f"spk{tag}p")
+        _ip("link", "set", f"spk{tag}p", "netns", namespace)
+        _ip("addr", "add", f"{host_ip}/29", "dev", f"spk{tag}h")
+        _ip("addr", "add", f"{main_ip}/29", "dev", f"spk{tag}h")
+        _ip("link", "set", f"spk{tag}h", "up")
+        _ip("-n", namespace, "addr", "add", f"{pod_ip}/29", "dev", f"spk{tag}p")
+        _ip("-n", namespace, "link", "set", f"spk{tag}p", "up")
+        _ip("-n", namespace, "link", "set", "lo", "up")
+        # What the kubelet writes into a pod: the cluster DNS and its search path.
+        netns_etc.mkdir(parents=True, exist_ok=True)
+        (netns_etc / "resolv.conf").write_text(
+            f"nameserver {host_ip}\nsearch {DOMAIN} svc.cluster.local cluster.local\n"
+            "options ndots:5\n"
+        )
+        cluster = Cluster(host_ip, main_ip)
+        dns, _ = cluster.call(serve_dns(cluster.zone, host_ip, 53))
+        # Synapse's pods: main behind synapse-main (its port is in the HAProxy
+        # environment), one worker per class behind its headless Service.
+        main = cluster.add("main", main_ip, 8008)
+        cluster.zone.a[f"synapse-main.{DOMAIN}"] = main_ip
+        for c in (d["metadata"]["name"] for d in documents if d["kind"] == "Service"):
+            if c.startswith("synapse-") and c != "synapse-main":
+                worker_class = next(
+                    d["spec"]["selector"]["synapse-worker-class"]
+                    for d in documents
+                    if d["kind"] == "Service" and d["metadata"]["name"] == c
+                )
+                cluster.add(worker_class)
+                cluster.publish(worker_class)
+        assert main.port == 8008
+        layout_volumes(pod)
+        pod.start("agent", str(SPOA))
+        pod.start("haproxy", haproxy_binary())
+        agent_port = pod.port("agent", "agent-http")
+        wait_until(lambda: pod.get(agent_port, "/healthz")[0] == 200, 30, "the agent's /healthz")
+        wait_until(
+            lambda: pod.servers_up("be_synchrotron") == 1 and pod.servers_up("be_spoa") == 1,
+            30,
+            "HAProxy to find its workers through DNS and the agent UP",
+        )
+        yield pod, cluster
+        dns.close()
+    finally:
+        for proc in pod.procs.values():
+            stop_process(proc)
+        if cluster is not None:
+            cluster.close()
+        subprocess.run(["ip", "netns", "delete", namespace], capture_output=True, check=False)
+        subprocess.run(["ip", "link", "delete", f"spk{tag}h"], capture_output=True, check=False)
+        shutil.rmtree(netns_etc, ignore_errors=True)
+
+
+def route(pod: Pod, method: str, path: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Status, the worker's answer, and HAProxy's log line for one request."""
+    mark = len(pod.log_lines("haproxy"))
+    status, _, body = pod.get(pod.port("haproxy", "http"), path, method)
+    plain = path.split("?", 1)[0]
+    found: dict[str, str] = {}
+
+    def logged() -> bool:  # HAProxy writes the line after the response
+        for line in pod.log_lines("haproxy")[mark:]:
+            if f" {plain} " in f"{line} ":
+                found.update(dict(w.split("=", 1) for w in line.split() if "=" in w))
+                return True
+        return False
+
+    wait_until(logged, 5, f"HAProxy's log line for {plain}")
+    return status, json.loads(body) if body.startswith(b"{") else {}, found
+
+
+def test_the_probes_of_the_manifests_answer(pod: tuple[Pod, Cluster]) -> None:
+    p, _ = pod
+    for c in pod_spec(p.documents)["containers"]:
+        for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+            if probe in c:
+                get = c[probe]["httpGet"]
+                assert p.get(p.port(c["name"], get["port"]), get["path"])[0] == 200, (
+                    c["name"],
+                    probe,
+                )
+
+
+def test_requests_reach_their_class_through_the_services(pod: tuple[Pod, Cluster]) -> None:
+    p, cluster = pod
+    for worker_class, (method, path) in SAMPLES.items():
+        status, document, logged = route(p, method, path)
+        assert status == 200, (worker_class, status)
+        assert document["class"] == worker_class, (path, document)
+        assert logged["via"] == "agent"
+        # The log names the pod that answered by its address.
+        pod_ip = cluster.main_ip if worker_class == "main" else cluster.host_ip
+        assert logged["srv"] == document["address"], (logged, document)
+        assert document["address"].startswith(f"{pod_ip}:")
+
+
+def test_pods_added_and_removed_are_followed_without_a_reload(pod: tuple[Pod, Cluster]) -> None:
+    p, cluster = pod
+    haproxy_pid = p.procs["haproxy"].pid
+    cluster.add("synchrotron")
+    cluster.publish("synchrotron")
+    wait_until(lambda: p.servers_up("be_synchrotron") == 2, 30, "a second synchrotron pod")
+    cluster.remove("synchrotron")
+    # Gone from DNS: its slot is freed (MAINT, no address), not merely DOWN.
+    wait_until(
+        lambda: sum(s.startswith("MAINT") for s in p.servers("be_synchrotron").values()) == 15,
+        60,
+        "the second pod's slot to be freed",
+    )
+    assert p.servers_up("be_synchrotron") == 1
+    status, document, _ = route(p, *SAMPLES["synchrotron"])
+    assert (status, document["worker"]) == (200, "synchrotron-1")
+    assert p.procs["haproxy"].poll() is None and p.procs["haproxy"].pid == haproxy_pid
+    assert not any("reload" in line.lower() for line in p.log_lines("haproxy"))
+
+
+def test_a_configmap_update_of_the_policy_reaches_the_agent(pod: tuple[Pod, Cluster]) -> None:
+    p, _ = pod
+    agent = container(p.documents, "agent")
+    (mount,) = [m for m in agent["volumeMounts"] if m["name"] == "policy"]
+    directory = p.root / container_dir("agent", mount["mountPath"])
+    profile = "/_matrix/client/v3/profile/@alice:x"
+    assert route(p, "GET", profile)[1]["class"] == "event_creator"
+    site = yaml.safe_load(one(p.documents, "ConfigMap", "spoa-policy")["data"]["policy.yaml"])
+    site["rules"] = {
+        "before": [
+            {
+                "name": "profile_reads",
+                "class": "client_reader",
+                "path": "^/_matrix/client/v3/profile/",
+            }
+        ]
+    }
+    write_configmap(directory, {"policy.yaml": yaml.safe_dump(site)}, 2)
+    wait_until(
+        lambda: route(p, "GET", profile)[1].get("class") == "client_reader",
+        15,
+        "the agent to apply the updated ConfigMap",
+    )
+    assert route(p, "GET", profile)[2]["rule"] == "profile_reads"
+
+
+def test_the_agent_killed_in_the_pod_leaves_routing_to_the_fallback(
+    pod: tuple[Pod, Cluster],
+) -> None:
+    p, _ = pod
+    p.procs["agent"].kill()
+    p.procs["agent"].wait(10)
+    wait_until(lambda: p.servers_up("be_spoa") == 0, 15, "HAProxy to mark the agent DOWN")
+    for worker_class, (method, path) in SAMPLES.items():
+        status, document, logged = route(p, method, path)
+        assert status == 200, (worker_class, status)
+        if worker_class in (
+            "synchrotron",
+            "event_creator",
+            "media_repository",
+            "federation_inbound",
+        ):
+            assert document["class"] == worker_class
+        assert logged["via"] == "fallback"

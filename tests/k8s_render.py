@@ -1,0 +1,52 @@
+"""deploy/kubernetes rendered as kubectl would apply it, and ways to read the result."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+KUSTOMIZATION = ROOT / "deploy" / "kubernetes"
+
+
+def kustomize(directory: Path) -> list[dict[str, Any]]:
+    """The documents ``kubectl apply -k directory`` would send."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        if os.environ.get("CI"):
+            pytest.fail("kubectl (with kustomize) is needed to render deploy/kubernetes")
+        pytest.skip("no kubectl here to render deploy/kubernetes")
+    out = subprocess.run(
+        [kubectl, "kustomize", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def one(documents: list[dict[str, Any]], kind: str, name_prefix: str) -> dict[str, Any]:
+    found: dict[str, Any]
+    (found,) = [
+        d for d in documents if d["kind"] == kind and d["metadata"]["name"].startswith(name_prefix)
+    ]
+    return found
+
+
+def pod_spec(documents: list[dict[str, Any]]) -> dict[str, Any]:
+    spec: dict[str, Any] = one(documents, "Deployment", "matrix-spoa")["spec"]["template"]["spec"]
+    return spec
+
+
+def container(documents: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    found: dict[str, Any]
+    (found,) = [c for c in pod_spec(documents)["containers"] if c["name"] == name]
+    return found
