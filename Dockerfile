@@ -1,18 +1,25 @@
 # The matrix-spoa agent (and the demo workers of docker-compose.yml).
 
+# The Python base image; a machine that cannot pull it builds a stand-in
+# (deploy/compose/python.Containerfile) and passes --build-arg PYTHON_IMAGE=...
+ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
+
 # Build the wheel, with the optional C speedup of the SPOP codec.
-FROM python:3.11.11-slim-bookworm AS build
+FROM ${PYTHON_IMAGE} AS build
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY spoa ./spoa
+# The bundled policies go into the wheel ("extends: synapse-workers" finds them).
+COPY policies ./policies
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
-FROM python:3.11.11-slim-bookworm
+FROM ${PYTHON_IMAGE}
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
-    && python -c "import spoa.spop.codec as c; assert c.SPEEDUPS, 'C speedup missing'"
+    && python -c "import spoa.spop.codec as c; assert c.SPEEDUPS, 'C speedup missing'" \
+    && python -c "from spoa.policy.loader import bundled_names as b; assert 'synapse-workers' in b()"
 
 # The bundled policies; mount your own directory over /etc/spoa/policies.
 COPY policies /etc/spoa/policies

@@ -6,6 +6,7 @@
 #   ./dev.sh test    lint, type-check and run every test (installs what it needs)
 #   ./dev.sh bench   run the benchmarks
 #   ./dev.sh haproxy VERSION   build HAProxy 3.x from ../shared/haproxy-src (cached)
+#   ./dev.sh compose-images    podman and the images to run docker-compose.yml here
 #
 # Installs what is missing from the distribution (HAProxy; Chromium for the
 # tests), as root or with sudo, and the Python dependencies into .venv.
@@ -146,6 +147,75 @@ ensure_chromium() {
     fi
 }
 
+# The compose run: podman (there may be no Docker engine) and podman-compose
+# run the very docker-compose.yml users run; images a registry would give
+# (haproxy, prom/prometheus, the agent's python base) are replaced by ones
+# built from Debian's archive and ../shared/haproxy-src
+# (deploy/compose/*.Containerfile, deploy/compose/local-images.yml). Images
+# are kept in podman's store, rebuilt when their recipe changes.
+CONTAINERS_DIR=${XDG_CACHE_HOME:-$HOME/.cache}/matrix-spoa/containers
+COMPOSE_HAPROXY=3.0.11   # the major version docker-compose.yml pins (haproxy:3.0.x)
+
+# podman build, unless an image of that name was built from the same inputs.
+local_image() {
+    local name=$1 key=$2; shift 2
+    if [ "$(podman image inspect --format '{{ index .Labels "spoa.inputs" }}' "$name" 2>/dev/null)" = "$key" ]; then
+        return 0
+    fi
+    say "building image $name"
+    podman build -q --label "spoa.inputs=$key" -t "$name" "$@" > "$CONTAINERS_DIR/build.log" 2>&1 \
+        || { tail -30 "$CONTAINERS_DIR/build.log" >&2; say "building $name failed"; return 1; }
+}
+
+ensure_compose() {
+    local need=()
+    for tool in podman runc iptables mmdebstrap netavark aardvark-dns catatonit; do
+        dpkg -s "$tool" >/dev/null 2>&1 || need+=("$tool")
+    done
+    if [ ${#need[@]} -gt 0 ]; then
+        say "installing ${need[*]} (for the compose run)"
+        apt_install "${need[@]}" || return 1
+    fi
+    mkdir -p "$CONTAINERS_DIR"
+    # crun refuses hybrid cgroups: runc; the default rlimits cannot be set here.
+    local hard
+    hard=$(ulimit -Hn)
+    printf '[containers]\ndefault_ulimits = ["nofile=%s:%s", "nproc=32768:32768"]\n[engine]\nruntime = "runc"\n' \
+        "$hard" "$hard" > "$CONTAINERS_DIR/containers.conf"
+    export CONTAINERS_CONF="$CONTAINERS_DIR/containers.conf"
+    if ! podman image exists localhost/debian:bookworm; then
+        say "making a Debian 12 base image with mmdebstrap"
+        local work mirror=http://deb.debian.org/debian security=http://deb.debian.org/debian-security
+        work=$(mktemp -d)
+        mmdebstrap --quiet --variant=minbase --include=ca-certificates bookworm "$work/rootfs.tar" \
+            "deb $mirror bookworm main" "deb $mirror bookworm-updates main" \
+            "deb $security bookworm-security main" || return 1
+        podman import --change 'CMD ["/bin/bash"]' "$work/rootfs.tar" localhost/debian:bookworm >/dev/null
+        rm -rf "$work"
+    fi
+    local base haproxy context key
+    base=$(podman image inspect --format '{{.Id}}' localhost/debian:bookworm)
+    haproxy=$(haproxy_build "$COMPOSE_HAPROXY") || return 1
+    context=$(mktemp -d)
+    cp "$haproxy" "$context/haproxy"
+    key=$(cat deploy/compose/haproxy.Containerfile "$haproxy" | sha256sum | cut -c1-16)-$base
+    local_image localhost/spoa-local/haproxy:3.0 "$key" -f deploy/compose/haproxy.Containerfile "$context" || return 1
+    rm -rf "$context"
+    key=$(sha256sum < deploy/compose/prometheus.Containerfile | cut -c1-16)-$base
+    local_image localhost/spoa-local/prometheus:debian "$key" -f deploy/compose/prometheus.Containerfile deploy/compose || return 1
+    key=$(sha256sum < deploy/compose/python.Containerfile | cut -c1-16)-$base
+    local_image localhost/spoa-local/python:3.11-bookworm "$key" -f deploy/compose/python.Containerfile deploy/compose || return 1
+    # The agent's image from the repository's Dockerfile, on that base; pip in
+    # the build reaches PyPI as this machine's pip does (its configuration
+    # and CA bundle).
+    local mounts=()
+    [ -f /etc/pip.conf ] && mounts+=(-v /etc/pip.conf:/etc/pip.conf:ro)
+    [ -f /etc/ssl/certs/ca-certificates.crt ] && mounts+=(-v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro)
+    key=$(git ls-files -z Dockerfile pyproject.toml setup.py README.md spoa policies | xargs -0 cat | sha256sum | cut -c1-16)
+    local_image matrix-spoa:local "$key-$(podman image inspect --format '{{.Id}}' localhost/spoa-local/python:3.11-bookworm)" \
+        "${mounts[@]}" --build-arg PYTHON_IMAGE=localhost/spoa-local/python:3.11-bookworm . || return 1
+}
+
 ensure_venv() {
     if ! python3 -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null; then
         say "Python 3.11 or newer is required (python3 is $(python3 --version 2>&1))"
@@ -204,6 +274,18 @@ case "$cmd" in
             say "pytest -m 'integration or e2e' on HAProxy $version"
             SPOA_HAPROXY=$binary "$PY" -m pytest -m "integration or e2e" "$@"
         done
+        # And docker-compose.yml itself, run with podman: always in CI,
+        # locally with SPOA_COMPOSE=1.
+        if [ "${CI:-}" = true ] || [ "${SPOA_COMPOSE:-}" = 1 ]; then
+            ensure_compose
+            say "pytest -m compose (docker-compose.yml under podman-compose)"
+            SPOA_COMPOSE=1 "$PY" -m pytest -m compose "$@"
+        fi
+        ;;
+    compose-images)
+        # ./dev.sh compose-images: podman and the images the compose run uses.
+        ensure_venv
+        ensure_compose
         ;;
     haproxy)
         # ./dev.sh haproxy VERSION: print the path of HAProxy VERSION, built if needed.
@@ -221,7 +303,7 @@ case "$cmd" in
         "$PY" bench/codec.py
         ;;
     *)
-        sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
         [ "$cmd" = help ] || exit 2
         ;;
 esac

@@ -39,6 +39,7 @@ SERVICE_KEYS: dict[str, type | tuple[type, ...]] = {
     "restart": str,
     "deploy": dict,
     "healthcheck": dict,
+    "init": bool,
 }
 RESTART = {"no", "always", "on-failure", "unless-stopped"}
 
@@ -64,7 +65,9 @@ def test_each_service_follows_the_compose_schema(name: str) -> None:
     for port in service.get("expose", []):
         assert re.fullmatch(r"\d+", str(port)), port
     if "deploy" in service:
-        assert set(service["deploy"]) <= {"replicas", "resources"}
+        assert set(service["deploy"]) <= {"mode", "replicas", "resources"}
+        # podman-compose honours replicas only in replicated mode.
+        assert "replicas" not in service["deploy"] or service["deploy"]["mode"] == "replicated"
         assert isinstance(service["deploy"].get("replicas", 1), int)
     for dependency in service.get("depends_on", []):
         assert dependency in SERVICES, f"{name} depends on unknown {dependency}"
@@ -131,13 +134,15 @@ def test_the_agent_reads_a_policy_from_the_mounted_directory() -> None:
 
 def test_dockerfile_copies_files_that_exist() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:3\.11[\w.-]*-slim", dockerfile, re.M)
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11[\w.-]*-slim", dockerfile, re.M)
     for line in re.findall(r"^COPY (?!--from)(.+)$", dockerfile, re.M):
         for source in line.split()[:-1]:
             assert (ROOT / source).exists(), source
     # The runtime image checks the C speedup was built into the wheel.
     assert "c.SPEEDUPS" in dockerfile and "setup.py" in dockerfile
     assert "USER nobody" in dockerfile
+    # The wheel carries the bundled policies ("extends: synapse-workers").
+    assert re.search(r"^COPY policies \./policies$", dockerfile, re.M)
 
 
 def test_prometheus_scrapes_services_that_exist() -> None:

@@ -25,8 +25,16 @@ from .compiled import MEMO_ENTRIES, CompiledPolicy, policy_version
 from .errors import LocatedError, PolicyError
 from .schema import NAME_PATTERN, BaseError, PolicySpec, parse_policy
 
-#: Where an installed package keeps the bundled policies (see pyproject.toml).
-INSTALLED_POLICIES: Final = Path(sys.prefix) / "share" / "matrix-spoa" / "policies"
+#: Where an installed package keeps the bundled policies (see pyproject.toml):
+#: under the installation's prefix, which is sys.prefix for a virtual
+#: environment or the official Python images, /usr/local for pip as root on
+#: Debian's own Python.
+INSTALLED_POLICIES: Final = tuple(
+    dict.fromkeys(
+        Path(prefix) / "share" / "matrix-spoa" / "policies"
+        for prefix in (sys.prefix, sys.base_prefix, "/usr/local")
+    )
+)
 SOURCE_POLICIES: Final = Path(__file__).resolve().parents[2] / "policies"
 #: A chain of bases longer than this is an error, cycle or not.
 MAX_DEPTH: Final = 8
@@ -37,7 +45,7 @@ FileSnapshot = dict[str, bytes | None]
 
 def bundled_directories() -> list[Path]:
     """The directories holding bundled policies, first match wins."""
-    return [d for d in (SOURCE_POLICIES, INSTALLED_POLICIES) if d.is_dir()]
+    return [d for d in (SOURCE_POLICIES, *INSTALLED_POLICIES) if d.is_dir()]
 
 
 def bundled_names() -> list[str]:
