@@ -394,10 +394,12 @@ def soak(c: Campaign, seconds: float) -> str:
 
     samples, _ = c.load(seconds, during)
     mib = [r / 2**20 for r in samples_rss]
+    # One sample a minute (they are taken every 10 s), to show the trend.
+    trend = " ".join(f"{m:.1f}" for m in mib[::6])
     return (
         f"{len(samples):,} requests with ever-new keys over {seconds:.0f} s: agent RSS "
-        f"{mib[0]:.1f} MiB at start, {max(mib):.1f} MiB at most, {mib[-1]:.1f} MiB at the end; "
-        f"non-2xx {non_2xx(samples)}"
+        f"{mib[0]:.1f} MiB at start, {max(mib):.1f} MiB at most, {mib[-1]:.1f} MiB at the end "
+        f"(each minute: {trend}); non-2xx {non_2xx(samples)}"
     )
 
 
