@@ -13,6 +13,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,17 @@ SIMPLE_SAMPLES = {
 def synapse_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackRunner[DemoStack]]:
     with running_stack(tmp_path_factory.mktemp("synapse"), SYNAPSE) as runner:
         yield runner
+
+
+@contextmanager
+def stopped(runner: StackRunner[DemoStack], worker_class: str) -> Iterator[None]:
+    """The workers of a class stopped (their DNS records kept), then back and ready."""
+    runner.call(runner.stack.stop_class(worker_class))
+    try:
+        yield
+    finally:
+        runner.call(runner.stack.start_class(worker_class))
+        runner.call(runner.stack.wait_ready(20))
 
 
 def sent(runner: StackRunner[DemoStack], request: TrafficRequest) -> tuple[Outcome, dict[str, str]]:
@@ -163,11 +175,9 @@ def test_replication_paths_are_refused_from_outside(synapse_stack: StackRunner[D
 def test_all_workers_of_a_class_down_then_main_answers(
     synapse_stack: StackRunner[DemoStack],
 ) -> None:
-    stack = synapse_stack.stack
     request = SYNAPSE_SAMPLES["event_creator"]
     assert synapse_stack.send(request).worker_class == "event_creator"
-    synapse_stack.call(stack.stop_class("event_creator"))
-    try:
+    with stopped(synapse_stack, "event_creator"):
         deadline = time.monotonic() + 15
         while True:
             outcome = synapse_stack.send(request)
@@ -177,9 +187,6 @@ def test_all_workers_of_a_class_down_then_main_answers(
             time.sleep(0.1)
         assert outcome.status == 200
         assert outcome.worker == "main-1"
-    finally:
-        synapse_stack.call(stack.start_class("event_creator"))
-        synapse_stack.call(stack.wait_ready(20))
     assert synapse_stack.send(request).worker_class == "event_creator"
 
 
@@ -302,11 +309,9 @@ def test_haproxy_s_own_errors_are_matrix_json_with_cors(
 def test_a_stream_writer_down_fails_clearly_with_429_and_never_reaches_main(
     synapse_stack: StackRunner[DemoStack],
 ) -> None:
-    stack = synapse_stack.stack
     request = SYNAPSE_SAMPLES["typing"]
     assert synapse_stack.send(request).worker_class == "typing"
-    synapse_stack.call(stack.stop_class("typing"))
-    try:
+    with stopped(synapse_stack, "typing"):
         deadline = time.monotonic() + 15
         while (outcome := synapse_stack.send(request)).status == 200:
             assert outcome.worker_class == "typing", outcome  # never main
@@ -318,9 +323,6 @@ def test_a_stream_writer_down_fails_clearly_with_429_and_never_reaches_main(
         assert headers["access-control-allow-origin"] == "*"
         error = json.loads(body)
         assert error["errcode"] == "M_LIMIT_EXCEEDED" and error["retry_after_ms"] == 5000
-    finally:
-        synapse_stack.call(stack.start_class("typing"))
-        synapse_stack.call(stack.wait_ready(20))
     assert synapse_stack.send(request).worker_class == "typing"
 
 
