@@ -293,7 +293,10 @@ case "$cmd" in
         haproxy_build "$1"
         ;;
     bench)
+        ensure_haproxy
         ensure_venv
+        command -v wrk >/dev/null || { say "installing wrk (bench/haproxy_e2e.py)"; apt_install wrk; }
+        "$PY" bench/haproxy_e2e.py
         "$PY" bench/spop_load.py "$@"
         "$PY" bench/spop_load.py --rate 75000 "$@"
         "$PY" bench/spop_load.py --policy policies/synapse-workers.yaml "$@"

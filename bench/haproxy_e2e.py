@@ -1,0 +1,388 @@
+"""What routing costs through real HAProxy: the agent and the fallback against native HAProxy.
+
+Three configurations do the same job, side by side, in interleaved rounds of
+one run, each for the same Matrix request mix:
+
+  native    HAProxy alone, a regex map generated from the policy (each rule's
+            paths, first match wins: what an operator deploys without the
+            agent) and hashing on the Authorization header
+  agent     the shipped haproxy.cfg and spoe-router.conf, with the agent
+  fallback  the shipped haproxy.cfg with the agent down: the Lua fallback routes
+
+HAProxy and the agent run on CPU 0; the load generator (wrk, Debian's
+package) and the backends (one more HAProxy answering as the workers) on CPU 1.
+Loopback only, bounded in time. Prints per configuration requests/s, p50/p99
+and the router core's CPU per request (HAProxy and the agent apart), then one
+line per configuration:
+
+  ratio agent/native 0.512
+
+Usage:
+    python bench/haproxy_e2e.py [--seconds 10] [--rounds 3] [--haproxy PATH]
+                                [--connections 50] [--policy FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from spoa.demo.ports import free_port  # noqa: E402
+from spoa.demo.stack import Router, haproxy_binary, stop_process  # noqa: E402
+from spoa.policy import load_policy  # noqa: E402
+from spoa.traffic import Deployment, generate  # noqa: E402
+
+T = TypeVar("T")
+TICK = os.sysconf("SC_CLK_TCK")
+ROUTER_CPU, LOAD_CPU = {0}, {1}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system time of a process and all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+@dataclass
+class Result:
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    haproxy_cpu: float
+    agent_cpu: float
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds
+
+
+@dataclass
+class Config:
+    name: str
+    port: int
+    haproxy_pid: int
+    agent_pid: int | None = None
+    results: list[Result] = field(default_factory=list)
+
+
+class Loop:
+    """An event loop on its own thread, for the DNS zone the routers resolve workers in."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
+
+
+def backends_config(workers: dict[str, list[tuple[str, int]]]) -> str:
+    """One more HAProxy standing in for the workers: each answers with its name."""
+    lines = ["global", "    nbthread 1", "defaults", "    mode http", "    timeout client 30s"]
+    lines += ["    timeout server 30s", "    timeout connect 5s"]
+    for worker_class, endpoints in workers.items():
+        for name, port in endpoints:
+            answer = f'{{"worker":"{name}","class":"{worker_class}"}}'
+            lines += [
+                f"frontend {name}",
+                f"    bind 127.0.0.1:{port}",
+                "    http-request return status 200 content-type application/json "
+                f"string '{answer}'",
+            ]
+    return "\n".join(lines) + "\n"
+
+
+def native_config(router: Router, map_file: Path, classes: tuple[str, ...]) -> str:
+    """HAProxy without the agent: a regex map from the policy, the same backends and DNS."""
+    env = router.haproxy_env()
+    lines = [
+        "global",
+        "    log stdout format raw local0 info",
+        f"resolvers dns\n    nameserver ns1 127.0.0.1:{router.dns_port}",
+        "    hold valid 10s",
+        "defaults",
+        "    mode http",
+        "    log global",
+        "    option httplog",
+        "    timeout connect 5s",
+        "    timeout client 180s",
+        "    timeout server 180s",
+        "frontend fe_native",
+        f"    bind 127.0.0.1:{router.port}",
+        "    option forwardfor",
+        f"    use_backend be_%[path,map_reg({map_file},main)]",
+        "    default_backend be_main",
+    ]
+    for worker_class in classes:
+        lines += [
+            f"backend be_{worker_class}",
+            "    balance hdr(Authorization)",
+            "    hash-type consistent",
+        ]
+        if worker_class == "main":
+            lines.append(f"    server main {env['SYNAPSE_MAIN']}")
+        else:
+            lines.append(
+                f"    server-template w 4 {env[_env(worker_class)]} check inter 2s "
+                "resolvers dns init-addr none"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _env(worker_class: str) -> str:
+    return "SYNAPSE_" + re.sub(r"[^A-Za-z0-9]", "_", worker_class).upper()
+
+
+def regex_map(policy_path: Path) -> str:
+    """The policy's rules as an HAProxy regex map: first match wins, like the policy."""
+    policy = load_policy(str(policy_path))
+    lines = []
+    for rule in policy.rules:
+        if rule.spec is None:
+            continue
+        for pattern in rule.spec.paths:
+            lines.append(f"{pattern} {rule.spec.worker_class}")
+    return "\n".join(lines) + "\n"
+
+
+def wrk_script(path: Path, count: int) -> None:
+    """A wrk script that cycles through a realistic Matrix mix."""
+    requests = []
+    for request in generate(count, Deployment(users=200, rooms=50, remotes=20, seed=5)):
+        headers = ", ".join(f'["{k}"] = "{v}"' for k, v in request.headers.items() if '"' not in v)
+        body = '"{}"' if request.method in ("PUT", "POST") else "nil"
+        target = request.target.replace('"', "%22")
+        requests.append(f'  wrk.format("{request.method}", "{target}", {{{headers}}}, {body}),')
+    path.write_text(
+        "local requests = {\n"
+        + "\n".join(requests)
+        + "\n}\nlocal n = 0\nrequest = function()\n  n = n % #requests + 1\n"
+        "  return requests[n]\nend\n"
+    )
+
+
+def run_wrk(port: int, script: Path, seconds: float, connections: int) -> tuple[str, float]:
+    started = time.monotonic()
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds:.0f}s",
+            "--latency",
+            "-s",
+            str(script),
+            f"http://127.0.0.1:{port}/",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=True,
+        preexec_fn=lambda: os.sched_setaffinity(0, LOAD_CPU),
+    )
+    return out.stdout, time.monotonic() - started
+
+
+def _ms(text: str, label: str) -> float:
+    match = re.search(rf"^\s*{label}\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+    if not match:
+        return float("nan")
+    value, unit = float(match.group(1)), match.group(2)
+    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+
+def measure(config: Config, script: Path, seconds: float, connections: int) -> Result:
+    haproxy_before = cpu_seconds(config.haproxy_pid)
+    agent_before = cpu_seconds(config.agent_pid) if config.agent_pid else 0.0
+    text, _ = run_wrk(config.port, script, seconds, connections)
+    haproxy_cpu = cpu_seconds(config.haproxy_pid) - haproxy_before
+    agent_cpu = (cpu_seconds(config.agent_pid) - agent_before) if config.agent_pid else 0.0
+    total = re.search(r"(\d+) requests in ([\d.]+)(s|m)", text)
+    if not total:
+        raise SystemExit(f"unexpected wrk output:\n{text}")
+    requests = int(total.group(1))
+    errors = 0
+    for pattern in (r"Non-2xx or 3xx responses: (\d+)", r"Socket errors: .*"):
+        match = re.search(pattern, text)
+        if match and match.groups():
+            errors += int(match.group(1))
+    return Result(
+        requests,
+        seconds,
+        _ms(text, "50%"),
+        _ms(text, "99%"),
+        errors,
+        haproxy_cpu,
+        agent_cpu,
+    )
+
+
+def wait(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def servers_up(stats_port: int, backend: str) -> int:
+    url = f"http://127.0.0.1:{stats_port}/stats;csv"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        rows = response.read().decode().splitlines()
+    count = 0
+    for row in rows:
+        fields = row.split(",")
+        server = fields[1] if len(fields) > 17 else ""
+        if fields[0] == backend and server not in ("", "BACKEND", "FRONTEND", "main"):
+            count += fields[17] == "UP"
+    return count
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--haproxy", help="the HAProxy binary (default: the system's)")
+    parser.add_argument("--policy", default=str(ROOT / "policies" / "synapse-workers.yaml"))
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("haproxy_e2e: needs wrk (apt-get install wrk)", file=sys.stderr)
+        return 2
+    if os.cpu_count() is None or os.cpu_count() < 2:  # type: ignore[operator]
+        print("haproxy_e2e: needs two CPUs (one for the router, one for the load)", file=sys.stderr)
+        return 2
+    if args.haproxy:
+        os.environ["SPOA_HAPROXY"] = args.haproxy
+    binary = haproxy_binary()
+    version = subprocess.run([binary, "-v"], capture_output=True, text=True, check=True)
+    policy = Path(args.policy)
+    classes = load_policy(str(policy)).classes
+    workdir = Path(tempfile.mkdtemp(prefix="spoa-haproxy-e2e-"))
+    loop = Loop()
+    procs: list[subprocess.Popen[bytes]] = []
+    routers: list[Router] = []
+    try:
+        # The workers: two per class (main one), all in one HAProxy on the load CPU.
+        workers = {
+            c: [(f"{c}-{n}", free_port()) for n in range(1, 2 if c == "main" else 3)]
+            for c in classes
+        }
+        (workdir / "backends.cfg").write_text(backends_config(workers))
+        os.sched_setaffinity(0, LOAD_CPU)
+        procs.append(
+            subprocess.Popen(
+                [binary, "-db", "-f", str(workdir / "backends.cfg")],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        configs: list[Config] = []
+        for name in ("native", "agent", "fallback"):
+            router = Router(
+                workdir=workdir / name,
+                policy=policy,
+                port=free_port(),
+                stats_port=free_port(),
+                agent_port=free_port(),
+                agent_http=f"127.0.0.1:{free_port()}",
+            )
+            router.main_address = f"127.0.0.1:{workers['main'][0][1]}"
+            loop.call(router.start_dns())
+            for worker_class, endpoints in workers.items():
+                if worker_class != "main":
+                    router.publish(worker_class, endpoints)
+            routers.append(router)
+            os.sched_setaffinity(0, ROUTER_CPU)  # HAProxy and the agent inherit it
+            if name == "native":
+                (router.workdir / "paths.map").write_text(regex_map(policy))
+                (router.workdir / "native.cfg").write_text(
+                    native_config(router, router.workdir / "paths.map", classes)
+                )
+                log = (router.workdir / "haproxy.log").open("ab")
+                proc = subprocess.Popen(
+                    [binary, "-db", "-f", str(router.workdir / "native.cfg")],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+                procs.append(proc)
+                configs.append(Config(name, router.port, proc.pid))
+            else:
+                if name == "agent":
+                    router.start_agent()
+                router.start_haproxy()
+                assert router.haproxy is not None
+                agent_pid = router.agent.pid if router.agent is not None else None
+                configs.append(Config(name, router.port, router.haproxy.pid, agent_pid))
+                stats = router.stats_port
+                wanted = 1 if name == "agent" else 0
+                wait(lambda s=stats, w=wanted: servers_up(s, "be_spoa") == w, 30, f"{name} agent")
+                wait(lambda s=stats: servers_up(s, "be_synchrotron") == 2, 30, f"{name} workers")
+            os.sched_setaffinity(0, LOAD_CPU)
+        time.sleep(3)  # the native router's checks
+        script = workdir / "mix.lua"
+        wrk_script(script, 5000)
+        print(
+            f"haproxy_e2e: {version.stdout.splitlines()[0]}; {args.rounds} rounds of "
+            f"{args.seconds:.0f} s, {args.connections} connections; load average "
+            + " ".join(f"{x:.2f}" for x in os.getloadavg())
+        )
+        for n in range(args.rounds):
+            for config in configs:
+                result = measure(config, script, args.seconds, args.connections)
+                config.results.append(result)
+                print(
+                    f"  round {n + 1} {config.name:8} {result.rate:9.0f} req/s  p50 "
+                    f"{result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  errors {result.errors}"
+                )
+        print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        rates: dict[str, float] = {}
+        for config in configs:
+            results = config.results
+            requests = sum(r.requests for r in results)
+            rates[config.name] = statistics.median(r.rate for r in results)
+            haproxy_us = sum(r.haproxy_cpu for r in results) / requests * 1e6
+            agent_us = sum(r.agent_cpu for r in results) / requests * 1e6
+            print(
+                f"{config.name:8} {rates[config.name]:9.0f} req/s (median)  p50 "
+                f"{statistics.median(r.p50_ms for r in results):.2f} ms  p99 "
+                f"{statistics.median(r.p99_ms for r in results):.2f} ms  CPU per request: "
+                f"HAProxy {haproxy_us:.1f} us, agent {agent_us:.1f} us  errors "
+                f"{sum(r.errors for r in results)}"
+            )
+        for name in ("agent", "fallback"):
+            print(f"ratio {name}/native {rates[name] / rates['native']:.3f}")
+        return 0
+    finally:
+        for router in routers:
+            router.stop_router()
+        for proc in procs:
+            stop_process(proc)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
