@@ -69,6 +69,8 @@ class Result:
     errors: int
     haproxy_cpu: float
     agent_cpu: float
+    #: Requests the agent configuration's HAProxy logged as routed by the fallback.
+    via_fallback: int = 0
 
     @property
     def rate(self) -> float:
@@ -81,6 +83,8 @@ class Config:
     port: int
     haproxy_pid: int
     agent_pid: int | None = None
+    #: HAProxy's log (the shipped log-format: via=agent|fallback per request).
+    log: Path | None = None
     results: list[Result] = field(default_factory=list)
 
 
@@ -213,18 +217,27 @@ def _ms(text: str, label: str) -> float:
 def measure(config: Config, script: Path, seconds: float, connections: int) -> Result:
     haproxy_before = cpu_seconds(config.haproxy_pid)
     agent_before = cpu_seconds(config.agent_pid) if config.agent_pid else 0.0
+    log_before = config.log.stat().st_size if config.log else 0
     text, _ = run_wrk(config.port, script, seconds, connections)
     haproxy_cpu = cpu_seconds(config.haproxy_pid) - haproxy_before
     agent_cpu = (cpu_seconds(config.agent_pid) - agent_before) if config.agent_pid else 0.0
+    via_fallback = 0
+    if config.log:
+        time.sleep(0.5)  # HAProxy writes a request's line after its response
+        with config.log.open("rb") as handle:
+            handle.seek(log_before)
+            via_fallback = handle.read().count(b" via=fallback ")
     total = re.search(r"(\d+) requests in ([\d.]+)(s|m)", text)
     if not total:
         raise SystemExit(f"unexpected wrk output:\n{text}")
     requests = int(total.group(1))
     errors = 0
-    for pattern in (r"Non-2xx or 3xx responses: (\d+)", r"Socket errors: .*"):
-        match = re.search(pattern, text)
-        if match and match.groups():
-            errors += int(match.group(1))
+    match = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    if match:
+        errors += int(match.group(1))
+    match = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    if match:
+        errors += sum(int(n) for n in match.groups())
     return Result(
         requests,
         seconds,
@@ -233,6 +246,7 @@ def measure(config: Config, script: Path, seconds: float, connections: int) -> R
         errors,
         haproxy_cpu,
         agent_cpu,
+        via_fallback,
     )
 
 
@@ -336,7 +350,8 @@ def main() -> int:
                 router.start_haproxy()
                 assert router.haproxy is not None
                 agent_pid = router.agent.pid if router.agent is not None else None
-                configs.append(Config(name, router.port, router.haproxy.pid, agent_pid))
+                logged = router.workdir / "haproxy.log"
+                configs.append(Config(name, router.port, router.haproxy.pid, agent_pid, logged))
                 stats = router.stats_port
                 wanted = 1 if name == "agent" else 0
                 wait(lambda s=stats, w=wanted: servers_up(s, "be_spoa") == w, 30, f"{name} agent")
@@ -357,6 +372,11 @@ def main() -> int:
                 print(
                     f"  round {n + 1} {config.name:8} {result.rate:9.0f} req/s  p50 "
                     f"{result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms  errors {result.errors}"
+                    + (
+                        f"  via fallback {result.via_fallback / result.requests:.1%}"
+                        if config.name == "agent"
+                        else ""
+                    )
                 )
         print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         rates: dict[str, float] = {}
