@@ -80,6 +80,11 @@ class Process:
         return any(listener.resources.intersection(resources) for listener in self.listeners)
 
     @property
+    def serves_media(self) -> bool:
+        """The media repository on, and reachable: main serves it through its client resource."""
+        return self.media and (self.name == MAIN or self.serves("media"))
+
+    @property
     def where(self) -> str:
         return f"{self.source}:{self.line}"
 
@@ -278,7 +283,7 @@ def check_synapse(
             elif not found.serves("replication"):
                 error(f"{found.where}: {writer} writes {stream} but has no replication listener")
     # Media goes where the media repository is on.
-    if not any(p.media and (p.serves("media") or p.name == MAIN) for p in deployment.processes):
+    if not any(p.serves_media for p in deployment.processes):
         error(
             f"the media repository is on in no process: enable_media_repo is false in "
             f"{deployment.main.source} and no worker serves the media resource with it on"
@@ -288,8 +293,7 @@ def check_synapse(
         if worker_class in outside:
             continue
         for process in deployment.of_class(worker_class):
-            serving = process.media and (process.name == MAIN or process.serves("media"))
-            if not serving:
+            if not process.serves_media:
                 state = "has the media repository off" if not process.media else "no media listener"
                 error(
                     f"{process.where}: {policy_path} sends {_describe(sample)} to class "
