@@ -97,7 +97,11 @@ def sent(runner: StackRunner[DemoStack], request: TrafficRequest) -> tuple[Outco
     before = len(runner.log())
     outcome = runner.send(request)
     deadline = time.monotonic() + 5
-    while not (lines := runner.log_lines(before)) and time.monotonic() < deadline:
+    # Only request lines: HAProxy also logs server state changes (agent DOWN).
+    while (
+        not (lines := [x for x in runner.log_lines(before) if " via=" in x])
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.01)
     assert lines, "HAProxy logged nothing for the request"
     return outcome, log_fields(lines[-1])
