@@ -23,10 +23,14 @@ RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
 
 # The bundled policies; mount your own directory over /etc/spoa/policies.
 COPY policies /etc/spoa/policies
+# Where the agent writes the Lua fallback's table for HAProxy (a volume both
+# share); owned by the agent's user, so a new volume is too.
+RUN mkdir -p /run/matrix-spoa && chown nobody /run/matrix-spoa
 
 USER nobody
 # SPOP for HAProxy, and the agent's HTTP endpoint (metrics, health, status page).
 EXPOSE 12345 12346
 ENTRYPOINT ["spoa"]
 CMD ["serve", "--policy", "/etc/spoa/policies/synapse-workers.yaml", \
-     "--listen", "0.0.0.0:12345", "--http", "0.0.0.0:12346"]
+     "--listen", "0.0.0.0:12345", "--http", "0.0.0.0:12346", \
+     "--fallback-table", "/run/matrix-spoa/fallback.table"]

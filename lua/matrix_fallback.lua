@@ -1,42 +1,33 @@
 -- matrix_fallback.lua: route a request when the matrix-spoa agent gave no answer.
 --
 -- HAProxy runs this action only when the SPOE agent did not set
--- txn.route.backend (agent down, slow or failing). It covers the core
--- endpoint families of the bundled policies and must give, for each of them,
--- the same class and the same hash key as the agent (spoa/policy/compiled.py
--- and spoa/matrix/*.py), so that requests keep reaching the same worker
--- while the agent is away. Everything else goes to the "rest" class.
+-- txn.route.backend (agent down, slow or failing). It routes by a table
+-- generated from the agent's policy (spoa/fallback.py): every rule, in the
+-- policy's order, with its path patterns, methods, query conditions, class
+-- and key kind. For every request it must give the class, hash key and rule
+-- the agent would have given (spoa/policy/compiled.py, spoa/matrix/*.py), so
+-- requests keep reaching the same worker while the agent is away.
 --
 -- Usage (haproxy.cfg):
 --
 --   lua-load matrix_fallback.lua
---   http-request lua.matrix_fallback sync=synchrotron:user \
---       initial_sync=initial_sync:user federation_inbound=federation_inbound:origin \
---       federation_reader=federation_reader:uri media=media_repository:none \
---       event_sending=event_creator:room rest=main:none seed=0 \
+--   http-request lua.matrix_fallback /run/matrix-spoa/fallback.table \
 --       if !{ var(txn.route.backend) -m found }
 --
--- Every argument is "family=class:keykind" (key kinds as in the policy
--- format: token, user, room, origin, uri, src, none), plus "seed=N", the
--- policy's MurmurHash3 seed. Arguments may come in any order. A malformed
--- argument is logged once and its family is routed as "rest" without a key;
--- a request is never refused because of it.
+-- The one argument is the table's path. The agent writes the table whenever
+-- it loads a policy (spoa serve --fallback-table); "spoa fallback POLICY"
+-- writes one offline. The file is read at the first request and again
+-- whenever its content changes (checked every two seconds): a new policy
+-- reaches the fallback with no reload. A missing or broken file is logged and
+-- the last good table stays in use; with none at all, HAProxy's
+-- default_backend takes the requests.
 --
 -- The action sets txn.route.backend (class), txn.route.key (8 hex digits,
--- only when there is a key), txn.route.rule ("fallback_<family>"),
--- txn.route.policy ("fallback") and txn.route.via ("fallback"). It never
--- raises: on an internal error only txn.route.via is set, to
--- "fallback-error", and HAProxy's default_backend takes the request.
-
-local FAMILIES = {
-    "sync",
-    "initial_sync",
-    "federation_inbound",
-    "federation_reader",
-    "media",
-    "event_sending",
-    "rest",
-}
+-- only when there is a key), txn.route.rule (the policy's rule name),
+-- txn.route.policy (the version of the policy the table came from) and
+-- txn.route.via ("fallback"). It never raises: on an internal error only
+-- txn.route.via is set, to "fallback-error", and HAProxy's default_backend
+-- takes the request.
 
 local KEY_KINDS = {
     token = true,
@@ -51,115 +42,6 @@ local KEY_KINDS = {
 -- Class names become backend names (be_<class>): the policy format's alphabet.
 local CLASS_PATTERN = "^[%w_.%-]+$"
 local CLASS_MAX = 48
-
--- -- logging ------------------------------------------------------------------
-
-local logged = {}
-
--- Configuration problems are logged once each, not once per request.
-local function log_once(message)
-    if logged[message] then
-        return
-    end
-    logged[message] = true
-    pcall(core.log, core.warning, "matrix_fallback: " .. message)
-end
-
--- -- path patterns ------------------------------------------------------------
-
--- The rules' regexes are written as in policies/synapse-workers.yaml. They use
--- only "^", "$", "[^/]+" and literal text, which mean the same in Lua
--- patterns, and "(a|b)" groups, which Lua lacks: expand() turns a regex into
--- one pattern per combination of alternatives.
-local function expand(regex, into)
-    local before, group, after = regex:match("^(.-)%(([^()]*)%)(.*)$")
-    if before == nil then
-        into[#into + 1] = regex
-        return into
-    end
-    for alternative in (group .. "|"):gmatch("([^|]*)|") do
-        expand(before .. alternative .. after, into)
-    end
-    return into
-end
-
-local function patterns(regexes)
-    local result = {}
-    for _, regex in ipairs(regexes) do
-        expand(regex, result)
-    end
-    return result
-end
-
--- Rule initial_sync (without "since") and rule sync (with it) share /sync.
-local SYNC_PATHS = patterns({ "^/_matrix/client/(r0|v3)/sync$" })
-
--- Rule initial_sync_legacy.
-local INITIAL_SYNC_PATHS = patterns({
-    "^/_matrix/client/(api/v1|r0|v3)/initialSync$",
-    "^/_matrix/client/(api/v1|r0|v3)/rooms/[^/]+/initialSync$",
-})
-
--- Rule sync, but for /sync itself.
-local EVENTS_PATHS = patterns({ "^/_matrix/client/(api/v1|r0|v3)/events$" })
-
--- Rule sliding_sync: native sliding sync (Element X), the sync family's
--- class and key, whatever its query ("pos" is no initial-sync marker).
-local SLIDING_SYNC_PATHS = patterns({ "^/_matrix/client/unstable/org.matrix.simplified_msc3575/sync$" })
-
--- Rule media: its client and federation paths, not the admin API ones.
-local MEDIA_PATHS = patterns({
-    "^/_matrix/media/",
-    "^/_matrix/client/v1/media/",
-    "^/_matrix/federation/v1/media/",
-})
-
--- Rule federation_inbound.
-local FEDERATION_INBOUND_PATHS = patterns({ "^/_matrix/federation/v1/send/" })
-
--- Rule federation_reader.
-local FEDERATION_READER_PATHS = patterns({
-    "^/_matrix/federation/v1/version$",
-    "^/_matrix/federation/v1/event/",
-    "^/_matrix/federation/v1/state/",
-    "^/_matrix/federation/v1/state_ids/",
-    "^/_matrix/federation/v1/backfill/",
-    "^/_matrix/federation/v1/get_missing_events/",
-    "^/_matrix/federation/v1/publicRooms",
-    "^/_matrix/federation/v1/query/",
-    "^/_matrix/federation/v1/make_join/",
-    "^/_matrix/federation/v1/make_leave/",
-    "^/_matrix/federation/(v1|v2)/send_join/",
-    "^/_matrix/federation/(v1|v2)/send_leave/",
-    "^/_matrix/federation/v1/make_knock/",
-    "^/_matrix/federation/v1/send_knock/",
-    "^/_matrix/federation/(v1|v2)/invite/",
-    "^/_matrix/federation/v1/event_auth/",
-    "^/_matrix/federation/v1/timestamp_to_event/",
-    "^/_matrix/federation/v1/exchange_third_party_invite/",
-    "^/_matrix/federation/v1/user/devices/",
-    "^/_matrix/key/v2/query",
-    "^/_matrix/federation/v1/hierarchy/",
-})
-
--- Rule event_sending.
-local EVENT_SENDING_PATHS = patterns({
-    "^/_matrix/client/(api/v1|r0|v3|unstable)/rooms/[^/]+/redact",
-    "^/_matrix/client/(api/v1|r0|v3|unstable)/rooms/[^/]+/send",
-    "^/_matrix/client/(api/v1|r0|v3|unstable)/rooms/[^/]+/state/",
-    "^/_matrix/client/(api/v1|r0|v3|unstable)/rooms/[^/]+/(join|invite|leave|ban|unban|kick)$",
-    "^/_matrix/client/(api/v1|r0|v3|unstable)/join/",
-    "^/_matrix/client/(api/v1|r0|v3|unstable)/knock/",
-})
-
-local function matches_any(path, patterns)
-    for _, pattern in ipairs(patterns) do
-        if path:find(pattern) then
-            return true
-        end
-    end
-    return false
-end
 
 -- -- query strings and percent-decoding (spoa/matrix/query.py) ----------------
 
@@ -506,8 +388,7 @@ end
 -- (an IPv4 client on a dual-stack listener: "::ffff:127.0.0.1") written as
 -- plain IPv4, as the agent does: both sides then agree whatever the listener
 -- and whatever Python version prints the agent's addresses.
-local function src_key(request)
-    local src = request.src
+local function src_key(src)
     if src == nil or src == "" then
         return nil
     end
@@ -515,85 +396,96 @@ local function src_key(request)
     return mapped or src
 end
 
-local KEY_EXTRACTORS = {
-    none = function()
+local function fetch(txn, name, ...)
+    local value = txn.f[name](txn.f, ...)
+    if value == nil then
         return nil
-    end,
-    token = function(request)
-        return access_token(request.auth, request.query)
-    end,
-    user = function(request)
-        local token = access_token(request.auth, request.query)
-        if token == nil then
-            return nil
+    end
+    return tostring(value)
+end
+
+-- The key source of a request for a key kind, or nil. Only what the kind
+-- needs is fetched.
+local function key_source(txn, kind, path, query)
+    if kind == "none" then
+        return nil
+    elseif kind == "user" or kind == "token" then
+        local token = access_token(fetch(txn, "req_fhdr", "authorization"), query)
+        if token == nil or kind == "token" then
+            return token
         end
         -- Other tokens than syt_ ones are keys by themselves.
         return syt_localpart(token) or token
-    end,
-    room = function(request)
-        return room_from_path(request.path)
-    end,
-    origin = function(request)
-        return xmatrix_origin(request.auth) or src_key(request)
-    end,
-    uri = function(request)
-        local query = request.query
+    elseif kind == "room" then
+        return room_from_path(path)
+    elseif kind == "origin" then
+        return xmatrix_origin(fetch(txn, "req_fhdr", "authorization")) or src_key(fetch(txn, "src"))
+    elseif kind == "uri" then
         if query and query ~= "" then
-            return request.path .. "?" .. query
+            return path .. "?" .. query
         end
-        return request.path
-    end,
-    src = src_key,
-}
-
--- -- classification -----------------------------------------------------------
-
--- The family of a request, in the rule order of policies/synapse-workers.yaml.
-local function family_of(path, query)
-    if matches_any(path, SYNC_PATHS) then
-        return has_value(query, "since") and "sync" or "initial_sync"
+        return path
     end
-    if matches_any(path, INITIAL_SYNC_PATHS) then
-        return "initial_sync"
-    end
-    if matches_any(path, EVENTS_PATHS) or matches_any(path, SLIDING_SYNC_PATHS) then
-        return "sync"
-    end
-    if matches_any(path, MEDIA_PATHS) then
-        return "media"
-    end
-    if matches_any(path, FEDERATION_INBOUND_PATHS) then
-        return "federation_inbound"
-    end
-    if matches_any(path, FEDERATION_READER_PATHS) then
-        return "federation_reader"
-    end
-    if matches_any(path, EVENT_SENDING_PATHS) then
-        return "event_sending"
-    end
-    return "rest"
+    return src_key(fetch(txn, "src"))
 end
 
--- -- arguments ----------------------------------------------------------------
+-- -- the table ----------------------------------------------------------------
 
-local IS_FAMILY = {}
-for _, family in ipairs(FAMILIES) do
-    IS_FAMILY[family] = true
+local TABLE_FORMAT = "matrix-spoa-fallback 1"
+
+-- Patterns are indexed by the path's start up to its BUCKET_SLASHES-th "/"
+-- ("/_matrix/client/v3/"): a path is tried only against the patterns that can
+-- match it, in the policy's order.
+local BUCKET_SLASHES = 4
+
+-- Where a path's bucket ends: the position of its BUCKET_SLASHES-th "/", or
+-- its length.
+local function bucket_end(path)
+    local position = 0
+    for _ = 1, BUCKET_SLASHES do
+        position = path:find("/", position + 1, true)
+        if position == nil then
+            return #path
+        end
+    end
+    return position
 end
 
--- A family's route from "class:keykind", or nil and the reason.
-local function parse_route(value)
-    local class, kind = value:match("^([^:]*):([^:]*)$")
-    if class == nil then
-        return nil, "expected class:keykind"
+-- The literal text an anchored pattern starts with ("" if not anchored).
+local function literal_prefix(pattern)
+    if pattern:sub(1, 1) ~= "^" then
+        return ""
     end
-    if #class > CLASS_MAX or not class:find(CLASS_PATTERN) then
-        return nil, "bad class name"
+    local out, i = {}, 2
+    while i <= #pattern do
+        local char = pattern:sub(i, i)
+        local width = 1
+        if char == "%" then
+            char, width = pattern:sub(i + 1, i + 1), 2
+            if char:find("%w") then
+                break -- a class (%d, %a, ...), not a literal
+            end
+        elseif char:find("[%^%$%(%)%.%[%]%*%+%-%?]") then
+            break
+        end
+        local after = pattern:sub(i + width, i + width)
+        if after == "*" or after == "+" or after == "-" or after == "?" then
+            break -- quantified: not fixed text
+        end
+        out[#out + 1] = char
+        i = i + width
     end
-    if not KEY_KINDS[kind] then
-        return nil, "unknown key kind"
+    return table.concat(out)
+end
+
+local function split_list(text)
+    local list = {}
+    if text ~= "-" then
+        for item in (text .. ","):gmatch("([^,]*),") do
+            list[#list + 1] = item
+        end
     end
-    return { class = class, kind = kind }
+    return list
 end
 
 local function parse_seed(value)
@@ -607,115 +499,271 @@ local function parse_seed(value)
     return seed
 end
 
--- The routes of all families and the seed, from the action's arguments.
--- Problems are logged; a family without a usable route is routed as rest.
-local function parse_arguments(args)
-    local routes, seed = {}, nil
-    for _, arg in ipairs(args) do
-        local name, value = tostring(arg):match("^([^=]*)=(.*)$")
-        if name == nil then
-            log_once(string.format("argument %q is not name=value; ignored", tostring(arg)))
-        elseif name == "seed" then
-            if seed ~= nil then
-                log_once("seed is given twice; the first one is used")
-            else
-                seed = parse_seed(value)
-                if seed == nil then
-                    log_once(string.format("seed %q is not within 0..4294967295; 0 is used", value))
-                    seed = 0
-                end
-            end
-        elseif not IS_FAMILY[name] then
-            log_once(string.format("unknown family %q; ignored", name))
-        elseif routes[name] ~= nil then
-            log_once(string.format("family %s is given twice; the first one is used", name))
-        else
-            local route, reason = parse_route(value)
-            if route == nil then
-                log_once(string.format("family %s: %s in %q; routed as rest", name, reason, value))
-                route = false
-            end
-            routes[name] = route
-        end
+local function valid_route(class, kind)
+    if #class > CLASS_MAX or not class:find(CLASS_PATTERN) then
+        return "bad class name " .. string.format("%q", class)
     end
-    if seed == nil then
-        log_once("no seed argument; 0 is used")
-        seed = 0
+    if not KEY_KINDS[kind] then
+        return "unknown key kind " .. string.format("%q", kind)
     end
-    for _, family in ipairs(FAMILIES) do
-        if routes[family] == nil then
-            log_once(string.format("no argument for family %s; routed as rest", family))
-        end
-        -- false marked a malformed route: from now on, missing and malformed
-        -- are the same (nil), and decide() routes the family as rest.
-        if not routes[family] then
-            routes[family] = nil
-        end
-    end
-    return { routes = routes, seed = seed }
+    return nil
 end
 
-local configurations = {}
-
--- Arguments are the same for every request of a given rule: parse them once.
-local function configuration(args)
-    local signature = table.concat(args, "\0")
-    local config = configurations[signature]
-    if config == nil then
-        config = parse_arguments(args)
-        configurations[signature] = config
+-- Index the patterns: each bucket lists, in policy order, the patterns of
+-- its own and the short ones (anchored on less than a bucket's worth of
+-- text, or not anchored) that could match a path in it.
+local function index(routing)
+    local long, short = {}, {}
+    for _, entry in ipairs(routing.patterns) do
+        local prefix = literal_prefix(entry.pattern)
+        local finish = bucket_end(prefix)
+        if prefix ~= "" and prefix:sub(finish, finish) == "/" and select(2, prefix:gsub("/", "")) >= BUCKET_SLASHES then
+            local key = prefix:sub(1, finish)
+            long[key] = long[key] or {}
+            entry.bucket = key
+        else
+            entry.prefix = prefix
+            short[#short + 1] = entry
+        end
     end
-    return config
+    routing.short = short
+    routing.buckets = {}
+    for key in pairs(long) do
+        local list = {}
+        for _, entry in ipairs(routing.patterns) do
+            if entry.bucket == key or (entry.bucket == nil and key:sub(1, #entry.prefix) == entry.prefix) then
+                list[#list + 1] = entry
+            end
+        end
+        routing.buckets[key] = list
+    end
+end
+
+-- A table from a file's text, or nil and the reason.
+local function parse_table(text)
+    local lines = {}
+    for line in text:gmatch("([^\n]*)\n") do
+        lines[#lines + 1] = line
+    end
+    if lines[1] ~= TABLE_FORMAT then
+        return nil, "not a matrix-spoa fallback table (its first line is not " .. TABLE_FORMAT .. ")"
+    end
+    if lines[#lines] ~= "end" then
+        return nil, "incomplete: no final \"end\" line"
+    end
+    local routing = { rules = {}, patterns = {}, memo = {}, memo_size = 0 }
+    local rule
+    for number = 2, #lines - 1 do
+        local record, rest = lines[number]:match("^(%l+) (.+)$")
+        local problem
+        if record == "path" then
+            if rule == nil then
+                problem = "a path before any rule"
+            else
+                routing.patterns[#routing.patterns + 1] = { pattern = rest, rule = rule }
+            end
+        elseif record == "rule" then
+            local name, class, kind, methods, present, absent =
+                rest:match("^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+)$")
+            if name == nil then
+                problem = "a rule needs name, class, key kind, methods, present and absent"
+            else
+                problem = valid_route(class, kind)
+                local method_set = nil
+                if methods ~= "-" then
+                    method_set = {}
+                    for _, method in ipairs(split_list(methods)) do
+                        method_set[method] = true
+                    end
+                end
+                rule = {
+                    index = #routing.rules + 1,
+                    name = name,
+                    class = class,
+                    kind = kind,
+                    methods = method_set,
+                    present = split_list(present),
+                    absent = split_list(absent),
+                }
+                rule.conditional = method_set ~= nil or #rule.present > 0 or #rule.absent > 0
+                routing.rules[#routing.rules + 1] = rule
+            end
+        elseif record == "default" then
+            local class, kind = rest:match("^(%S+) (%S+)$")
+            problem = class == nil and "default needs a class and a key kind" or valid_route(class, kind)
+            routing.default = { name = "default", class = class, kind = kind }
+        elseif record == "seed" then
+            routing.seed = parse_seed(rest)
+            problem = routing.seed == nil and "seed is not within 0..4294967295" or nil
+        elseif record == "policy" then
+            routing.version = rest:match("^%S+ (%S+)$")
+            problem = routing.version == nil and "policy needs a name and a version" or nil
+        else
+            problem = "unknown record"
+        end
+        if problem then
+            return nil, string.format("line %d: %s", number, problem)
+        end
+    end
+    if routing.default == nil or routing.seed == nil or routing.version == nil then
+        return nil, "no policy, seed or default line"
+    end
+    index(routing)
+    return routing
+end
+
+-- Tables by path: the routing in use (or false) and the text it came from.
+local tables = {}
+
+local function read_file(path)
+    local handle, err = io.open(path, "rb")
+    if handle == nil then
+        return nil, err
+    end
+    local text = handle:read("a")
+    handle:close()
+    return text
+end
+
+-- (Re)load a table if its file changed; a bad file keeps the last good table.
+local function refresh(path, entry)
+    local text, err = read_file(path)
+    if text == nil then
+        if entry.problem ~= err then
+            entry.problem = err
+            pcall(core.log, core.warning, "matrix_fallback: cannot read the table: " .. tostring(err)
+                .. (entry.routing and "; the last one read stays in use" or "; requests go to the default backend"))
+        end
+        return
+    end
+    if text == entry.text then
+        return
+    end
+    entry.text = text
+    local routing, problem = parse_table(text)
+    if routing == nil then
+        entry.problem = problem
+        pcall(core.log, core.warning, "matrix_fallback: table " .. path .. " rejected: " .. problem
+            .. (entry.routing and "; the last good one stays in use" or "; requests go to the default backend"))
+        return
+    end
+    entry.routing, entry.problem = routing, nil
+    pcall(core.log, core.info, "matrix_fallback: table " .. path .. " loaded (policy " .. routing.version .. ")")
+end
+
+local function table_for(path)
+    local entry = tables[path]
+    if entry == nil then
+        entry = { routing = false }
+        tables[path] = entry
+        refresh(path, entry)
+    end
+    return entry.routing
+end
+
+core.register_task(function()
+    while true do
+        core.msleep(2000)
+        for path, entry in pairs(tables) do
+            pcall(refresh, path, entry)
+        end
+    end
+end)
+
+-- -- matching -----------------------------------------------------------------
+
+local MEMO_ENTRIES = 8192
+local MEMO_MAX_TEXT = 256
+local NO_RULES = {}
+
+-- The rules whose patterns match the path, in order, up to the first without
+-- conditions (the agent's CompiledPolicy._chain). Remembered by path.
+local function chain_of(routing, path)
+    local chain = routing.memo[path]
+    if chain then
+        return chain
+    end
+    local finish = bucket_end(path)
+    local candidates = routing.buckets[path:sub(1, finish)] or routing.short
+    local last = 0
+    for _, entry in ipairs(candidates) do
+        local rule = entry.rule
+        if rule.index > last and path:find(entry.pattern) then
+            if chain == nil then
+                chain = {}
+            end
+            chain[#chain + 1] = rule
+            last = rule.index
+            if not rule.conditional then
+                break
+            end
+        end
+    end
+    chain = chain or NO_RULES
+    if #path <= MEMO_MAX_TEXT then
+        if routing.memo_size >= MEMO_ENTRIES then
+            routing.memo, routing.memo_size = {}, 0
+        end
+        routing.memo[path] = chain
+        routing.memo_size = routing.memo_size + 1
+    end
+    return chain
+end
+
+local function conditions_hold(rule, method, query)
+    if rule.methods and not rule.methods[method] then
+        return false
+    end
+    for _, name in ipairs(rule.present) do
+        if not has_value(query, name) then
+            return false
+        end
+    end
+    for _, name in ipairs(rule.absent) do
+        if has_value(query, name) then
+            return false
+        end
+    end
+    return true
 end
 
 -- -- the action ---------------------------------------------------------------
 
--- What to set, computed before anything is set: class (or nil), key (or nil),
--- rule.
-local function decide(config, request)
-    local family = family_of(request.path, request.query)
-    local route = config.routes[family]
-    local kind = route and route.kind
-    if route == nil then
-        -- A family without a usable argument: the rest class, with no key.
-        family, route, kind = "rest", config.routes.rest, "none"
-    end
-    local rule = "fallback_" .. family
-    if route == nil then
-        -- No usable rest class either: HAProxy's default_backend decides.
-        return nil, nil, rule
-    end
-    local source = KEY_EXTRACTORS[kind](request)
-    local key = source and string.format("%08x", murmur3_32(source, config.seed))
-    return route.class, key, rule
-end
-
-local function fetch(txn, name, ...)
-    local value = txn.f[name](txn.f, ...)
-    if value == nil then
-        return nil
-    end
-    return tostring(value)
-end
-
-local function route_request(txn, ...)
-    local config = configuration({ ... })
-    local request = {
-        path = fetch(txn, "path") or "",
-        query = fetch(txn, "query"),
-        auth = fetch(txn, "req_fhdr", "authorization"),
-        src = fetch(txn, "src"),
-    }
-    local class, key, rule = decide(config, request)
-    if class then
-        txn:set_var("txn.route.backend", class)
-    end
-    if key then
-        txn:set_var("txn.route.key", key)
-    end
-    txn:set_var("txn.route.rule", rule)
-    txn:set_var("txn.route.policy", "fallback")
+local function route_request(txn, table_path)
+    local routing = table_for(table_path)
     txn:set_var("txn.route.via", "fallback")
+    if not routing then
+        txn:set_var("txn.route.rule", "fallback_no_table")
+        return
+    end
+    local path = fetch(txn, "path") or ""
+    local chain = chain_of(routing, path)
+    local rule = routing.default
+    local query, fetched = nil, false
+    for _, candidate in ipairs(chain) do
+        if not candidate.conditional then
+            rule = candidate
+            break
+        end
+        if not fetched then
+            query, fetched = fetch(txn, "query"), true
+        end
+        if conditions_hold(candidate, fetch(txn, "method"), query) then
+            rule = candidate
+            break
+        end
+    end
+    local kind = rule.kind
+    if not fetched and (kind == "user" or kind == "token" or kind == "uri") then
+        query = fetch(txn, "query")
+    end
+    local source = key_source(txn, kind, path, query)
+    txn:set_var("txn.route.backend", rule.class)
+    if source then
+        txn:set_var("txn.route.key", string.format("%08x", murmur3_32(source, routing.seed)))
+    end
+    txn:set_var("txn.route.rule", rule.name)
+    txn:set_var("txn.route.policy", routing.version)
 end
 
 local ROUTE_VARS = { "txn.route.backend", "txn.route.key", "txn.route.rule", "txn.route.policy" }
@@ -725,8 +773,8 @@ local ROUTE_VARS = { "txn.route.backend", "txn.route.key", "txn.route.rule", "tx
 local ERRORS_LOGGED_MAX = 10
 local errors_logged = 0
 
-core.register_action("matrix_fallback", { "http-req" }, function(txn, ...)
-    local ok, err = pcall(route_request, txn, ...)
+core.register_action("matrix_fallback", { "http-req" }, function(txn, table_path)
+    local ok, err = pcall(route_request, txn, table_path or "")
     if not ok then
         -- Undo whatever was set: the request goes to the default backend.
         for _, name in ipairs(ROUTE_VARS) do
@@ -738,4 +786,4 @@ core.register_action("matrix_fallback", { "http-req" }, function(txn, ...)
             pcall(core.log, core.err, "matrix_fallback: internal error: " .. tostring(err))
         end
     end
-end, 8)
+end, 1)

@@ -16,11 +16,12 @@ from typing import Any, TextIO
 from . import DEFAULT_HTTP, __version__
 from .demo.run import run as demo_run
 from .demo.workers import WorkerSpec, start_workers
+from .fallback import UntranslatableError, fallback_table, publish, write_table
 from .haproxycfg import check_haproxy, format_report
 from .httpd import HttpServer
 from .metrics import AgentCollector, build_registry
 from .policy import CompiledPolicy, Decision, PolicyError, Request, WhoamiSpec, load_policy
-from .policy.reload import PolicyHolder
+from .policy.reload import PolicyHolder, ReloadResult
 from .routing import RouteHandler
 from .server import Handler, Limits, SpopServer, parse_listen, static_handler
 from .spop import Scope, SetVar
@@ -86,6 +87,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="seconds a policy file edited in place must rest before it is tried (default 1); "
         "renames and ConfigMap updates apply at once",
     )
+    serve.add_argument(
+        "--fallback-table",
+        metavar="FILE",
+        help="write the Lua fallback's routing table here for every policy loaded "
+        "(haproxy.cfg reads it: SPOA_FALLBACK_TABLE)",
+    )
     serve.add_argument("--max-connections", type=int, default=_LIMITS.max_connections)
     serve.add_argument("--max-frame-size", type=int, default=_LIMITS.max_frame_size)
     serve.add_argument(
@@ -119,7 +126,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "--haproxy",
         metavar="CFG",
         help="also check this HAProxy configuration: a backend for every class, "
-        "and Lua fallback arguments that agree with the policy",
+        "and a Lua fallback table (the file its lua.matrix_fallback action names) "
+        "made from this very policy",
+    )
+    check.add_argument(
+        "--fallback-table",
+        metavar="FILE",
+        help="with --haproxy: the fallback table HAProxy reads, if not the action's argument",
     )
     check.add_argument(
         "--synapse",
@@ -135,6 +148,17 @@ def _build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="CLASS",
         help="a class served by something else than Synapse (for example mas); repeatable",
+    )
+
+    fallback = commands.add_parser(
+        "fallback",
+        help="write the Lua fallback's routing table for a policy",
+        description="Write the table lua/matrix_fallback.lua routes by when the agent does "
+        "not answer, made from POLICY (the agent writes it itself with --fallback-table).",
+    )
+    fallback.add_argument("policy", metavar="POLICY")
+    fallback.add_argument(
+        "-o", "--output", metavar="FILE", help="write here, atomically (default: standard output)"
     )
 
     demo = commands.add_parser(
@@ -230,6 +254,19 @@ def _run(coro: Coroutine[Any, Any, int], loop: str) -> int:
         return runner.run(coro)
 
 
+def _table_writer(args: argparse.Namespace) -> Callable[[PolicyHolder, ReloadResult], None] | None:
+    """What keeps the fallback's table in step with each policy the agent loads."""
+    path = args.fallback_table
+    if not path:
+        return None
+
+    def write(holder: PolicyHolder, result: ReloadResult) -> None:
+        if result.outcome == "loaded":
+            publish(holder.current, path)
+
+    return write
+
+
 async def _serve(args: argparse.Namespace) -> int:
     limits = Limits(
         max_connections=args.max_connections,
@@ -247,13 +284,17 @@ async def _serve(args: argparse.Namespace) -> int:
     whoami = WhoamiStats()
     if args.policy:
         try:
-            holder = PolicyHolder(args.policy, settle=max(0.0, args.settle))
+            holder = PolicyHolder(
+                args.policy, settle=max(0.0, args.settle), on_change=_table_writer(args)
+            )
         except PolicyError as exc:
             log.error(
                 "cannot start: the policy is not usable:\n  %s",
                 "\n  ".join(str(e) for e in exc.errors),
             )
             return 1
+        if args.fallback_table:
+            publish(holder.current, args.fallback_table)
         handler = RouteHandler(holder, decisions, whoami=whoami)
     else:
         handler = static_handler(
@@ -338,7 +379,7 @@ def _check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         except OSError as exc:
             print(f"{args.haproxy}: cannot read: {exc.strerror or exc}", file=err)
             return 1
-        report = check_haproxy(config, policy)
+        report = check_haproxy(config, policy, args.fallback_table)
         for line in format_report(report, args.haproxy, args.policy):
             print(line, file=out if line.startswith(("ok", "note")) else err)
         status = max(status, 0 if report.ok else 1)
@@ -354,6 +395,27 @@ def _check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if any(f.level is Level.ERROR for f in findings):
             status = 1
     return status
+
+
+def _fallback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    try:
+        text = fallback_table(load_policy(args.policy))
+    except PolicyError as exc:
+        for error in exc.errors:
+            print(error, file=err)
+        return 1
+    except UntranslatableError as exc:
+        print(f"{args.policy}: the Lua fallback cannot follow this policy: {exc}", file=err)
+        return 1
+    if not args.output:
+        out.write(text)
+        return 0
+    try:
+        write_table(args.output, text)
+    except OSError as exc:
+        print(f"{args.output}: cannot write: {exc.strerror or exc}", file=err)
+        return 1
+    return 0
 
 
 def _demo_worker(args: argparse.Namespace) -> int:
@@ -576,6 +638,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(str(exc))
     if args.command == "check":
         return _check(args, sys.stdout, sys.stderr)
+    if args.command == "fallback":
+        return _fallback(args, sys.stdout, sys.stderr)
     if args.command == "explain":
         return _explain(args, sys.stdout, sys.stderr)
     if args.command == "demo":

@@ -1,111 +1,103 @@
 """Cross-checks between a policy and an HAProxy configuration.
 
 A class with no ``be_<class>`` backend silently lands on HAProxy's default
-backend; a Lua fallback whose arguments disagree with the policy moves users
-to other workers exactly when the agent is down. Both are caught here,
+backend; a Lua fallback whose table is of another policy routes by old rules
+exactly when the agent is down. Both are caught here,
 before deploying (``spoa check --haproxy``).
 """
 
 from __future__ import annotations
 
+import enum
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from ipaddress import ip_address
-from typing import Final
 
-from .policy import CompiledPolicy, Request
-
-FAMILIES: Final = (
-    "sync",
-    "initial_sync",
-    "federation_inbound",
-    "federation_reader",
-    "media",
-    "event_sending",
-    "rest",
-)
-
-#: One request per family of the Lua fallback (but rest), to ask the policy what it does.
-_SAMPLES: Final[dict[str, Request]] = {
-    "sync": Request(
-        "GET",
-        "/_matrix/client/v3/sync",
-        "since=s1",
-        "Bearer syt_YWxpY2U_abcdefghijklmnopqrst_1a2b3c",
-    ),
-    "initial_sync": Request(
-        "GET",
-        "/_matrix/client/v3/sync",
-        "timeout=0",
-        "Bearer syt_YWxpY2U_abcdefghijklmnopqrst_1a2b3c",
-    ),
-    "federation_inbound": Request(
-        "PUT",
-        "/_matrix/federation/v1/send/1",
-        None,
-        'X-Matrix origin="remote.example",key="ed25519:a",sig="x"',
-    ),
-    "federation_reader": Request(
-        "GET",
-        "/_matrix/federation/v1/state_ids/!r:example.org",
-        "event_id=%24e",
-        'X-Matrix origin="remote.example",key="k"',
-    ),
-    "media": Request("GET", "/_matrix/media/v3/download/example.org/abc"),
-    "event_sending": Request(
-        "PUT",
-        "/_matrix/client/v3/rooms/!r:example.org/send/m.room.message/1",
-        None,
-        "Bearer syt_YWxpY2U_abcdefghijklmnopqrst_1a2b3c",
-    ),
-}
+from .fallback import UntranslatableError, fallback_table, table_version
+from .policy import CompiledPolicy
 
 _BACKEND = re.compile(r"^\s*backend\s+(\S+)", re.MULTILINE)
-_FALLBACK = re.compile(r"^\s*http-request\s+lua\.matrix_fallback\s+(.*?)\s+(?:if|unless)\s", re.M)
+_FALLBACK = re.compile(r"^\s*http-request\s+lua\.matrix_fallback(?:\s+(\S+))?", re.M)
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:-([^}]*))?\}")
 
 
-def fallback_arguments(policy: CompiledPolicy) -> dict[str, str]:
-    """What the Lua fallback's arguments must be for this policy."""
-    args: dict[str, str] = {}
-    for family in FAMILIES:
-        if family == "rest":
-            # Everything the fallback does not classify: the policy's default.
-            args[family] = f"{policy.default.worker_class}:{policy.default.key.value}"
-            continue
-        decision = policy.decide(_SAMPLES[family]._replace(src=ip_address("192.0.2.1")))
-        # The fallback keys by kind, not by the value a sample happened to have.
-        rule = next((r for r in policy.rules if r.name == decision.rule), policy.default)
-        args[family] = f"{decision.worker_class}:{rule.key.value}"
-    args["seed"] = str(policy.seed)
-    return args
+def expand_env(text: str, environ: Mapping[str, str]) -> str:
+    """HAProxy's "${NAME}" and "${NAME-default}" in a quoted word, quotes removed."""
+    text = text.strip('"')
+    return _ENV.sub(lambda m: environ.get(m.group(1), m.group(2) or ""), text)
 
 
-def parse_fallback(line: str) -> dict[str, str]:
-    args = {}
-    for word in line.split():
-        name, _, value = word.partition("=")
-        args[name] = value
-    return args
+class Fallback(enum.Enum):
+    """How the fallback's table compares with the policy."""
+
+    AGREES = "agrees"
+    STALE = "stale"  # a table of another policy version
+    BROKEN = "broken"  # not a (whole) table
+    ABSENT = "absent"  # no file (yet: the agent writes it when it starts)
+    UNTRANSLATABLE = "untranslatable"  # no table can follow this policy
+    NO_ACTION = "no action"  # the configuration does not run the fallback
 
 
 @dataclass
 class Report:
     missing_backends: list[str] = field(default_factory=list)
     unused_backends: list[str] = field(default_factory=list)
-    fallback_lines: list[dict[str, str]] = field(default_factory=list)
-    fallback_expected: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def fallback_agrees(self) -> bool:
-        return any(line == self.fallback_expected for line in self.fallback_lines)
+    fallback: Fallback = Fallback.NO_ACTION
+    #: The table file compared (the action's argument, or the one given).
+    table_path: str | None = None
+    #: The policy version the file was made from, or why no table can be.
+    detail: str = ""
 
     @property
     def ok(self) -> bool:
-        return not self.missing_backends and (not self.fallback_lines or self.fallback_agrees)
+        return not self.missing_backends and self.fallback not in (
+            Fallback.STALE,
+            Fallback.BROKEN,
+            Fallback.UNTRANSLATABLE,
+        )
 
 
-def check_haproxy(config: str, policy: CompiledPolicy) -> Report:
-    """Compare a policy's classes and fallback with an HAProxy configuration."""
+def check_fallback(policy: CompiledPolicy, table_path: str | None, report: Report) -> None:
+    """Compare the table HAProxy would load with the one the policy makes."""
+    try:
+        expected = fallback_table(policy)
+    except UntranslatableError as exc:
+        report.fallback, report.detail = Fallback.UNTRANSLATABLE, str(exc)
+        return
+    if table_path is None:
+        return
+    report.table_path = table_path
+    try:
+        with open(table_path, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        report.fallback = Fallback.ABSENT
+        return
+    except (OSError, UnicodeDecodeError) as exc:
+        report.fallback, report.detail = Fallback.BROKEN, str(exc)
+        return
+    version = table_version(text)
+    if text == expected:
+        report.fallback = Fallback.AGREES
+    elif version is None:
+        report.fallback = Fallback.BROKEN
+    else:
+        report.fallback, report.detail = Fallback.STALE, version
+
+
+def check_haproxy(
+    config: str,
+    policy: CompiledPolicy,
+    table_path: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Report:
+    """Compare a policy's classes and fallback with an HAProxy configuration.
+
+    The fallback's table is ``table_path`` if given, else the file the
+    configuration's ``lua.matrix_fallback`` action names (with HAProxy's
+    ``${NAME-default}`` expanded from ``environ``, the process's by default).
+    """
     # Ignore comments so commented-out sections do not count.
     text = "\n".join(line.split("#", 1)[0] for line in config.splitlines())
     backends = set(_BACKEND.findall(text))
@@ -115,8 +107,13 @@ def check_haproxy(config: str, policy: CompiledPolicy) -> Report:
     report.unused_backends = sorted(
         b for b in backends if b.startswith("be_") and b != "be_spoa" and b[3:] not in classes
     )
-    report.fallback_lines = [parse_fallback(m) for m in _FALLBACK.findall(text)]
-    report.fallback_expected = fallback_arguments(policy)
+    actions = _FALLBACK.findall(text)
+    if not actions:
+        return report
+    report.fallback = Fallback.ABSENT
+    if table_path is None and actions[0] not in ("", "if", "unless"):
+        table_path = expand_env(actions[0], os.environ if environ is None else environ)
+    check_fallback(policy, table_path, report)
     return report
 
 
@@ -132,14 +129,24 @@ def format_report(report: Report, config_path: str, policy_path: str) -> list[st
             f"note: backends in {config_path} that {policy_path} never routes to: "
             + ", ".join(report.unused_backends)
         )
-    expected = " ".join(f"{k}={v}" for k, v in report.fallback_expected.items())
-    if not report.fallback_lines:
-        lines.append(f"note: {config_path} has no lua.matrix_fallback action")
-    elif not report.fallback_agrees:
-        lines.append(
-            f"error: no lua.matrix_fallback line of {config_path} agrees with {policy_path}; "
-            f"it should read: http-request lua.matrix_fallback {expected}"
-        )
-    else:
-        lines.append(f"ok: the Lua fallback agrees with {policy_path}: {expected}")
+    table = report.table_path
+    regenerate = f"spoa fallback {policy_path} -o {table}"
+    messages = {
+        Fallback.NO_ACTION: f"note: {config_path} has no lua.matrix_fallback action",
+        Fallback.AGREES: f"ok: the Lua fallback's table {table} agrees with {policy_path}",
+        Fallback.STALE: f"error: the Lua fallback's table {table} is of policy version "
+        f"{report.detail}, not of {policy_path}: with the agent down, requests would be "
+        f"routed by the old rules; regenerate it ({regenerate}), or run the agent with "
+        f"--fallback-table {table}",
+        Fallback.BROKEN: f"error: {table} is not a whole fallback table"
+        + (f" ({report.detail})" if report.detail else "")
+        + f"; regenerate it: {regenerate}",
+        Fallback.ABSENT: f"note: no fallback table at {table} yet; the agent writes it "
+        f"(--fallback-table), or: {regenerate}"
+        if table
+        else "note: the lua.matrix_fallback action names no table",
+        Fallback.UNTRANSLATABLE: "error: the Lua fallback cannot follow "
+        f"{policy_path}: {report.detail}",
+    }
+    lines.append(messages[report.fallback])
     return lines

@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
+from spoa.policy import load_policy
+from tests.policy_edits import edited_synapse_policy
+
 ROOT = Path(__file__).resolve().parent.parent
 SYNAPSE = str(ROOT / "policies" / "synapse-workers.yaml")
 
 
-def spoa(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def spoa(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "spoa", *args],
         cwd=ROOT,
         input=stdin,
+        env={**os.environ, **env} if env else None,
         capture_output=True,
         text=True,
         timeout=60,
@@ -152,11 +159,16 @@ HAPROXY_CFG = str(ROOT / "haproxy" / "haproxy.cfg")
 SIMPLE = str(ROOT / "policies" / "simple.yaml")
 
 
-def test_check_haproxy_accepts_the_shipped_config_for_both_bundled_policies() -> None:
-    for policy in (SYNAPSE, SIMPLE):
-        result = spoa("check", policy, "--haproxy", HAPROXY_CFG)
+def test_check_haproxy_accepts_the_shipped_config_for_the_bundled_policies(
+    tmp_path: Path,
+) -> None:
+    for policy in (SYNAPSE, SIMPLE, str(ROOT / "policies" / "synapse-workers-mas.yaml")):
+        table = tmp_path / "fallback.table"
+        assert spoa("fallback", policy, "-o", str(table)).returncode == 0
+        env = {"SPOA_FALLBACK_TABLE": str(table)}
+        result = spoa("check", policy, "--haproxy", HAPROXY_CFG, env=env)
         assert result.returncode == 0, result.stderr
-        assert f"ok: the Lua fallback agrees with {policy}" in result.stdout
+        assert f"ok: the Lua fallback's table {table} agrees with {policy}" in result.stdout
     simple = spoa("check", SIMPLE, "--haproxy", HAPROXY_CFG).stdout
     assert "never routes to: be_account_data" in simple
 
@@ -175,20 +187,55 @@ def test_check_haproxy_reports_a_class_without_backend(tmp_path: Path) -> None:
     )
 
 
-def test_check_haproxy_reports_a_fallback_that_disagrees_with_the_policy(tmp_path: Path) -> None:
+def test_check_haproxy_fails_on_a_table_of_another_policy_version(tmp_path: Path) -> None:
+    table = tmp_path / "fallback.table"
+    assert spoa("fallback", SYNAPSE, "-o", str(table)).returncode == 0
+    agrees = spoa("check", SYNAPSE, "--haproxy", HAPROXY_CFG, "--fallback-table", str(table))
+    assert agrees.returncode == 0, agrees.stderr
+    assert f"ok: the Lua fallback's table {table} agrees with {SYNAPSE}" in agrees.stdout
+    policy = edited_synapse_policy(tmp_path)
+    stale = spoa("check", str(policy), "--haproxy", HAPROXY_CFG, "--fallback-table", str(table))
+    assert stale.returncode == 1
+    version = load_policy(SYNAPSE).version
+    assert f"error: the Lua fallback's table {table} is of policy version {version}" in (
+        stale.stderr
+    )
+    assert f"spoa fallback {policy} -o {table}" in stale.stderr
+    # Regenerated, it agrees again.
+    assert spoa("fallback", str(policy), "-o", str(table)).returncode == 0
+    fresh = spoa("check", str(policy), "--haproxy", HAPROXY_CFG, "--fallback-table", str(table))
+    assert fresh.returncode == 0, fresh.stderr
+
+
+def test_check_haproxy_reads_the_table_the_action_names(tmp_path: Path) -> None:
+    """The configuration's ${SPOA_FALLBACK_TABLE-...}, from the environment."""
+    table = tmp_path / "fallback.table"
+    env = {"SPOA_FALLBACK_TABLE": str(table)}
+    absent = spoa("check", SYNAPSE, "--haproxy", HAPROXY_CFG, env=env)
+    assert absent.returncode == 0
+    assert f"note: no fallback table at {table} yet" in absent.stdout
+    table.write_text((ROOT / "policies" / "simple.yaml").read_text())
+    broken = spoa("check", SYNAPSE, "--haproxy", HAPROXY_CFG, env=env)
+    assert broken.returncode == 1
+    assert f"error: {table} is not a whole fallback table" in broken.stderr
+    spoa("fallback", str(ROOT / "policies" / "simple.yaml"), "-o", str(table))
+    stale = spoa("check", SYNAPSE, "--haproxy", HAPROXY_CFG, env=env)
+    assert stale.returncode == 1 and "is of policy version" in stale.stderr
+
+
+def test_fallback_refuses_a_policy_it_cannot_follow(tmp_path: Path) -> None:
     policy = tmp_path / "p.yaml"
     policy.write_text(
-        (ROOT / "policies" / "synapse-workers.yaml")
-        .read_text()
-        .replace(
-            "  - name: event_sending\n    class: event_creator\n    key: room",
-            "  - name: event_sending\n    class: event_creator\n    key: user",
-        )
+        "version: 1\nclasses: {main: , reader: }\ndefault: {class: main}\n"
+        "rules:\n  - {name: numbered, class: reader, path: '^/_matrix/client/v3/rooms/\\d+$'}\n"
     )
-    result = spoa("check", str(policy), "--haproxy", HAPROXY_CFG)
+    assert spoa("check", str(policy)).returncode == 0  # good for the agent
+    result = spoa("fallback", str(policy))
     assert result.returncode == 1
-    assert "no lua.matrix_fallback line" in result.stderr
-    assert "event_sending=event_creator:user" in result.stderr
+    assert "rule numbered, path 1" in result.stderr and "no Lua equivalent" in result.stderr
+    check = spoa("check", str(policy), "--haproxy", HAPROXY_CFG)
+    assert check.returncode == 1
+    assert "error: the Lua fallback cannot follow" in check.stderr
 
 
 def test_check_haproxy_of_a_missing_config_exits_1() -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import DEFAULT_HTTP
+from ..fallback import publish
 from ..policy import load_policy
 from .dns import Zone, serve_dns
 from .workers import DemoWorker, WorkerSpec
@@ -123,9 +124,18 @@ class Router:
     _dns: asyncio.DatagramTransport | None = None
     dns_port: int = 0
 
+    @property
+    def fallback_table(self) -> Path:
+        """The Lua fallback's table: written here, then by the agent."""
+        return self.workdir / "fallback.table"
+
     async def start_dns(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.classes = load_policy(str(self.policy)).classes
+        policy = load_policy(str(self.policy))
+        self.classes = policy.classes
+        # HAProxy's fallback has a table before the agent first runs; the
+        # agent rewrites it for every policy it loads.
+        publish(policy, self.fallback_table)
         self._dns, self.dns_port = await serve_dns(self.zone)
 
     def publish(self, worker_class: str, endpoints: list[tuple[str, int]]) -> None:
@@ -148,6 +158,8 @@ class Router:
             f"127.0.0.1:{self.agent_port}",
             "--poll-interval",
             str(self.poll_interval),
+            "--fallback-table",
+            str(self.fallback_table),
             "--http",
             self.agent_http,
         ]
@@ -169,8 +181,7 @@ class Router:
             SPOA_CHECK_INTER=self.check_inter,
             SYNAPSE_MAIN=self.main_address,
         )
-        if "generic" in self.classes:
-            env["SPOA_FALLBACK"] = "simple"
+        env["SPOA_FALLBACK_TABLE"] = str(self.fallback_table)
         for worker_class in self.classes:
             if worker_class != "main":
                 env[env_name(worker_class)] = service_name(worker_class)

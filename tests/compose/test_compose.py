@@ -270,3 +270,8 @@ def test_the_agent_killed_leaves_routing_to_the_fallback_with_no_failed_request(
         sender.join()
     assert sent > 50 and failures == []
     assert "via=fallback class=synchrotron" in project.haproxy_log()
+    # The fallback routes by the table the agent wrote into the shared
+    # volume: every class keeps its workers, stream writers included.
+    for worker_class, (method, path) in SAMPLES.items():
+        status, body = request(8008, method, path)
+        assert (status, body.get("class")) == (200, worker_class), (worker_class, body)

@@ -1,12 +1,11 @@
-"""The Lua fallback routes like the agent: same classes, same keys, through real HAProxy 2.6.
+"""The Lua fallback routes like the agent: same class, key and rule, through real HAProxy.
 
-When the agent does not answer, ``lua/matrix_fallback.lua`` routes the core
-families (sync, initial sync, media, inbound federation, federation reads,
-event sending). For every request of those families its class and hash key
-must be the ones the agent's policy would have given, so stickiness survives
-an agent outage. Each test frontend runs the action with arguments taken from
-``haproxy/haproxy.cfg`` and answers with the variables it set; the same
-requests go through :meth:`CompiledPolicy.decide` in Python.
+When the agent does not answer, ``lua/matrix_fallback.lua`` routes by the
+table ``spoa fallback`` makes from the policy. For every request its class,
+hash key and rule must be the ones the agent's policy would have given, so
+stickiness survives an agent outage. Each test frontend runs the action on a
+table generated here and answers with the variables it set; the same requests
+go through :meth:`CompiledPolicy.decide` in Python.
 
 Requests are sent as raw bytes over keep-alive sockets bound to 127.0.0.x
 source addresses, so percent-escapes, odd header bytes and the client
@@ -18,6 +17,7 @@ from __future__ import annotations
 import base64
 import socket
 import subprocess
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -27,12 +27,13 @@ from pathlib import Path
 import mmh3
 import pytest
 
-from spoa import haproxycfg
 from spoa.demo.ports import free_port
 from spoa.demo.stack import haproxy_binary
+from spoa.fallback import fallback_table, write_table
 from spoa.policy import CompiledPolicy, Decision, Request, load_policy
 from spoa.traffic import Deployment, generate
 from tests.integration.harness import HAProxy, wait_until
+from tests.policy_edits import ADDED, MOVED, edited_synapse_policy
 
 pytestmark = pytest.mark.integration
 
@@ -40,52 +41,53 @@ ROOT = Path(__file__).resolve().parents[2]
 LUA = ROOT / "lua" / "matrix_fallback.lua"
 REFERENCE_CONFIG = ROOT / "haproxy" / "haproxy.cfg"
 
-#: The families the fallback covers (everything else is its "rest").
-FAMILIES = tuple(family for family in haproxycfg.FAMILIES if family != "rest")
-#: Each family must be compared at least this many times in a parity test.
-MIN_PER_FAMILY = 20
+#: Every rule of a policy must be compared at least this often.
+MIN_PER_RULE = 3
 GENERATED = 2000
 #: Client addresses the requests come from (all of 127/8 is loopback).
 SOURCES = tuple(f"127.0.0.{n}" for n in range(2, 10))
-
-#: The Python rules behind each fallback family, per policy.
-WORKER_RULES = {
-    "sync": {"sync", "sliding_sync"},
-    "initial_sync": {"initial_sync", "initial_sync_legacy"},
-    "federation_inbound": {"federation_inbound"},
-    "federation_reader": {"federation_reader"},
-    "media": {"media"},
-    "event_sending": {"event_sending"},
-}
-SIMPLE_RULES = {family: {"default"} for family in FAMILIES} | {
-    "sync": {"sync", "sliding_sync"},
-    "initial_sync": {"sync"},
-}
+POLICIES = ("synapse-workers", "simple", "synapse-workers-mas")
 
 SEEDS = (0, 1, 42, 1234, 0x9747B28C, 2**31, 2**32 - 1)
-#: Key-kind arguments for the hash frontends: room keys give short keys of
-#: any bytes (through /join/<percent-encoded bytes>), uri keys long ones.
-HASH_ARGS = (
-    "sync=s:none initial_sync=s:none federation_inbound=f:origin federation_reader=r:uri "
-    "media=m:none event_sending=e:room rest=main:none seed={seed}"
-)
-#: Malformed arguments: a class without key kind, an empty class, an unknown
-#: key kind, a third field, an unknown family, a missing family (media) and a
-#: seed that is not a number.
-BAD_ARGS = (
-    "sync=synchrotron initial_sync=:user federation_inbound=federation_inbound:bogus "
-    "federation_reader=federation_reader:uri:extra bogus=1 event_sending=event_creator:room "
-    "rest=main:none seed=abc"
-)
-#: The rest family itself is malformed, the seed is out of range and one
-#: argument has spaces inside.
-NO_REST_ARGS = (
-    'rest=main sync=synchrotron:user "initial_sync = initial_sync:user" '
-    "federation_inbound=fi:origin federation_reader=fr:uri media=m:none "
-    "event_sending=event_creator:room seed=4294967296"
-)
-#: Arguments that are not name=value at all, in any order.
-JUNK_ARGS = "= == seed=-1 sync=a/b:user rest=main:none media=m:none x event_sending=e:room"
+
+#: Tables the fallback must refuse, each with the reason it logs.
+BROKEN_TABLES = {
+    "empty": ("", "its first line is not"),
+    "truncated": (None, 'no final "end" line'),
+    "badclass": (None, 'bad class name "a/b"'),
+    "badkind": (None, 'unknown key kind "bogus"'),
+    "badseed": (None, "seed is not within 0..4294967295"),
+    "orphan": (None, "a path before any rule"),
+    "unknown": (None, "unknown record"),
+}
+
+
+def table_text(policy: str, seed: int | None = None) -> str:
+    text = fallback_table(load_policy(str(ROOT / "policies" / f"{policy}.yaml")))
+    if seed is not None:
+        text = text.replace("\nseed 0\n", f"\nseed {seed}\n", 1)
+    return text
+
+
+def broken_table(name: str) -> str:
+    good = table_text("synapse-workers")
+    lines = good.splitlines(keepends=True)
+    rule = next(i for i, line in enumerate(lines) if line.startswith("rule "))
+    if name == "empty":
+        return ""
+    if name == "truncated":
+        return "".join(lines[: len(lines) // 2])
+    if name == "badclass":
+        return good.replace("\nrule typing typing ", "\nrule typing a/b ", 1)
+    if name == "badkind":
+        return good.replace("\nrule typing typing none ", "\nrule typing typing bogus ", 1)
+    if name == "badseed":
+        return good.replace("\nseed 0\n", "\nseed 4294967296\n", 1)
+    if name == "orphan":
+        return "".join([*lines[:rule], "path ^/x\n", *lines[rule:]])
+    assert name == "unknown"
+    return "".join([*lines[:rule], "frobnicate 1\n", *lines[rule:]])
+
 
 ANSWER = (
     "%[var(txn.route.backend)] %[var(txn.route.key)] %[var(txn.route.rule)] "
@@ -95,7 +97,7 @@ ANSWER = (
 FRONTEND = """\
 frontend fe_{name}
     bind 127.0.0.1:{port}
-    http-request lua.{action} {args}
+    http-request lua.{action} "{table}"
     http-request return status 200 content-type text/plain lf-string "{answer}" \
 hdr X-Route-Policy "%[var(txn.route.policy)]"
 """
@@ -144,29 +146,6 @@ defaults
 
 {frontends}
 """
-
-
-def reference_arguments() -> dict[str, str]:
-    """The action's arguments in haproxy/haproxy.cfg, by policy.
-
-    The line under ``.if streq("$SPOA_FALLBACK",simple)`` is for
-    policies/simple.yaml, the one under ``.else`` for synapse-workers.yaml.
-    """
-    found: dict[str, str] = {}
-    branch = ""
-    for line in REFERENCE_CONFIG.read_text().splitlines():
-        text = line.strip()
-        if text.startswith(".if") and "SPOA_FALLBACK" in text and "simple" in text:
-            branch = "simple"
-        elif text == ".else" and branch == "simple":
-            branch = "synapse-workers"
-        elif text == ".endif":
-            branch = ""
-        elif text.startswith("http-request lua.matrix_fallback ") and branch:
-            args = text.removeprefix("http-request lua.matrix_fallback ")
-            found[branch] = args.partition(" if ")[0]
-    assert set(found) == {"simple", "synapse-workers"}, found
-    return found
 
 
 # -- requests and answers ---------------------------------------------------------------
@@ -286,6 +265,7 @@ class Client:
 class Proxy:
     haproxy: HAProxy
     ports: dict[str, int]
+    tables: dict[str, Path]
     client: Client
 
     def send(self, frontend: str, case: Case) -> Answer:
@@ -294,33 +274,39 @@ class Proxy:
 
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
-    arguments = reference_arguments()
-    action = "matrix_fallback"
-    frontends = {
-        "workers": (action, arguments["synapse-workers"]),
-        "simple": (action, arguments["simple"]),
-        "bad": (action, BAD_ARGS),
-        "norest": (action, NO_REST_ARGS),
-        "junk": (action, JUNK_ARGS),
-        "failing": (action + "_failing", arguments["synapse-workers"]),
-    } | {f"seed{seed}": (action, HASH_ARGS.format(seed=seed)) for seed in SEEDS}
-    ports = {name: free_port() for name in frontends}
     workdir = tmp_path_factory.mktemp("lua-fallback")
+    texts = {name: table_text(name) for name in POLICIES}
+    texts |= {f"seed{seed}": table_text("synapse-workers", seed) for seed in SEEDS}
+    texts |= {name: broken_table(name) for name in BROKEN_TABLES}
+    texts["failing"] = texts["synapse-workers"]
+    texts["swap"] = texts["synapse-workers"]
+    texts["edited"] = texts["synapse-workers"]
+    tables = {name: workdir / f"{name}.table" for name in texts}
+    for name, text in texts.items():
+        tables[name].write_text(text)
+    tables["missing"] = workdir / "missing.table"
+    ports = {name: free_port() for name in tables}
     shim = workdir / "failing_shim.lua"
     shim.write_text(FAILING_SHIM)
     config = CONFIG.format(
         shim=shim,
         lua=LUA,
         frontends="\n".join(
-            FRONTEND.format(name=name, port=ports[name], action=act, args=args, answer=ANSWER)
-            for name, (act, args) in frontends.items()
+            FRONTEND.format(
+                name=name,
+                port=ports[name],
+                action="matrix_fallback_failing" if name == "failing" else "matrix_fallback",
+                table=tables[name],
+                answer=ANSWER,
+            )
+            for name in tables
         ),
     )
     haproxy = HAProxy(workdir, config)
-    haproxy.start(ports["workers"])
+    haproxy.start(ports["synapse-workers"])
     client = Client()
     try:
-        yield Proxy(haproxy, ports, client)
+        yield Proxy(haproxy, ports, tables, client)
     finally:
         client.close()
         haproxy.stop()
@@ -689,8 +675,55 @@ def _rest_cases() -> list[Case]:
     ]
 
 
+def sample_path(pattern: str) -> bytes:
+    """A path one Lua pattern of a table matches: "x" wherever it allows anything."""
+    out, i = [], 1 if pattern.startswith("^") else 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "$" and i == len(pattern) - 1:
+            break
+        if char == "%":
+            item, i = pattern[i + 1], i + 2
+        elif char == "[":
+            end = pattern.index("]", i + 2)
+            members = pattern[i + 1 : end]
+            item = "x" if members.startswith("^") else members.lstrip("%")[0]
+            i = end + 1
+        else:
+            item, i = ("x" if char == "." else char), i + 1
+        quantifier = pattern[i : i + 1]
+        if quantifier in ("*", "?"):
+            i += 1
+            continue
+        if quantifier == "+":
+            i += 1
+        out.append(item)
+    path = "".join(out)
+    return (path if path.startswith("/") else "/_matrix/" + path).encode()
+
+
+def rule_cases() -> list[Case]:
+    """Every path pattern of every policy's table, with each rule's methods and query."""
+    alice = f"Bearer {ALICE}".encode()
+    cases = []
+    for name in POLICIES:
+        policy = load_policy(str(ROOT / "policies" / f"{name}.yaml"))
+        for line in fallback_table(policy).splitlines():
+            if not line.startswith("path "):
+                continue
+            path = sample_path(line.removeprefix("path "))
+            for method, query in (
+                ("GET", b""),
+                ("PUT", b"?since=s1"),
+                ("POST", b"?since="),
+                ("DELETE", b"?from=x&since=s2"),
+            ):
+                cases.append(Case(method, path + query, alice))
+    return cases
+
+
 def edge_cases() -> list[Case]:
-    return _sync_cases() + _room_cases() + _federation_cases() + _rest_cases()
+    return _sync_cases() + _room_cases() + _federation_cases() + _rest_cases() + rule_cases()
 
 
 _CASES: list[Case] = []
@@ -719,9 +752,9 @@ def shared_cases() -> list[Case]:
 def test_a_nul_byte_in_a_header_is_refused_before_routing_on_3x(proxy: Proxy) -> None:
     case = Case("PUT", b"/_matrix/federation/v1/send/t1", b"X-Matrix origin=nul\x00.example")
     if not rejects_nul_in_headers():
-        assert proxy.send("workers", case).family == "federation_inbound"
+        assert proxy.send("synapse-workers", case).rule == "federation_inbound"
         return
-    status, _, _ = proxy.client.exchange_raw(proxy.ports["workers"], case)
+    status, _, _ = proxy.client.exchange_raw(proxy.ports["synapse-workers"], case)
     assert status == 400
 
 
@@ -729,58 +762,39 @@ def test_a_nul_byte_in_a_header_is_refused_before_routing_on_3x(proxy: Proxy) ->
 
 
 def assert_parity(
-    proxy: Proxy,
-    frontend: str,
-    policy: CompiledPolicy,
-    rules: dict[str, set[str]],
-    rest_class: str,
-    cases: Sequence[Case],
+    proxy: Proxy, name: str, cases: Sequence[Case], policy: CompiledPolicy | None = None
 ) -> Counter[str]:
-    """Lua and Python agree on every request of a fallback family; rest is rest.
+    """Lua and Python give every request the same class, key and rule.
 
-    Returns how many requests each family compared.
+    Returns how many requests each rule decided.
     """
+    if policy is None:
+        policy = load_policy(str(ROOT / "policies" / f"{name}.yaml"))
     counts: Counter[str] = Counter()
     mismatches: list[tuple[Case, Answer, Decision]] = []
     for case in cases:
-        answer = proxy.send(frontend, case)
+        answer = proxy.send(name, case)
         decision = policy.decide(case.request())
-        assert answer.via == "fallback", (case, answer)
-        assert answer.policy == "fallback", (case, answer)
-        counts[answer.family] += 1
-        if answer.family == "rest":
-            assert (answer.backend, answer.key) == (rest_class, ""), (case, answer)
-            # Only what the fallback leaves to rest on purpose: other rules,
-            # and the admin API paths of the media rule.
-            covered = set().union(*rules.values()) - {"default"}
-            if decision.rule in covered:
-                assert decision.rule == "media", (case, decision)
-                assert case.target.startswith(b"/_synapse/admin/"), (case, decision)
-            continue
-        assert answer.family in FAMILIES, (case, answer)
-        assert decision.rule in rules[answer.family], (case, answer, decision)
-        if (answer.backend, answer.key or None) != (decision.worker_class, decision.key):
+        assert (answer.via, answer.policy) == ("fallback", policy.version), (case, answer)
+        counts[decision.rule] += 1
+        got = (answer.backend, answer.key or None, answer.rule)
+        if got != (decision.worker_class, decision.key, decision.rule):
             mismatches.append((case, answer, decision))
-    assert not mismatches, "\n".join(
-        f"{case}: lua {answer.backend} {answer.key or '-'}, "
-        f"python {decision.worker_class} {decision.key or '-'} ({decision.key_kind})"
+    assert not mismatches, f"{len(mismatches)} of {len(cases)} differ:\n" + "\n".join(
+        f"{case}: lua {answer.backend} {answer.key or '-'} {answer.rule}, "
+        f"python {decision.worker_class} {decision.key or '-'} {decision.rule} "
+        f"({decision.key_kind})"
         for case, answer, decision in mismatches[:20]
     )
-    for family in FAMILIES:
-        assert counts[family] >= MIN_PER_FAMILY, counts
+    rare = {rule: counts[rule] for rule in policy.rule_names if counts[rule] < MIN_PER_RULE}
+    assert not rare, f"rules compared fewer than {MIN_PER_RULE} times: {rare}"
     return counts
 
 
-def test_fallback_gives_the_agents_class_and_key_for_synapse_workers(proxy: Proxy) -> None:
-    policy = load_policy(str(ROOT / "policies" / "synapse-workers.yaml"))
-    counts = assert_parity(proxy, "workers", policy, WORKER_RULES, "main", shared_cases())
-    print("compared per family (synapse-workers):", dict(sorted(counts.items())))
-
-
-def test_fallback_gives_the_agents_class_and_key_for_the_simple_policy(proxy: Proxy) -> None:
-    policy = load_policy(str(ROOT / "policies" / "simple.yaml"))
-    counts = assert_parity(proxy, "simple", policy, SIMPLE_RULES, "generic", shared_cases())
-    print("compared per family (simple):", dict(sorted(counts.items())))
+@pytest.mark.parametrize("name", POLICIES)
+def test_fallback_gives_the_agents_class_key_and_rule(proxy: Proxy, name: str) -> None:
+    counts = assert_parity(proxy, name, shared_cases())
+    print(f"compared per rule ({name}):", dict(sorted(counts.items())))
 
 
 def test_every_key_kind_falls_back_like_the_agent(proxy: Proxy) -> None:
@@ -799,7 +813,7 @@ def test_every_key_kind_falls_back_like_the_agent(proxy: Proxy) -> None:
         (Case("GET", b"/_matrix/media/v3/config", alice), "none"),
     )
     for case, kind in expectations:
-        answer = proxy.send("workers", case)
+        answer = proxy.send("synapse-workers", case)
         decision = policy.decide(case.request())
         assert decision.key_kind == kind, (case, decision)
         assert answer.key == (decision.key or ""), (case, answer, decision)
@@ -856,81 +870,82 @@ def test_murmur3_matches_mmh3_for_every_tail_length_and_seed(proxy: Proxy) -> No
             assert answer.key == f"{expected:08x}", (target, seed, answer)
 
 
-# -- malformed arguments ---------------------------------------------------------------------
+# -- tables ---------------------------------------------------------------------------------
 
 
-def _warnings(proxy: Proxy, text: str) -> int:
+def _logged(proxy: Proxy, text: str) -> int:
     return proxy.haproxy.log().count(text)
 
 
-def test_malformed_arguments_route_their_families_as_rest_without_a_key(proxy: Proxy) -> None:
-    alice = f"Bearer {ALICE}".encode()
-    keyless = (
-        Case("GET", b"/_matrix/client/v3/sync?since=1", alice),  # no key kind
-        Case("GET", b"/_matrix/client/v3/sync", alice),  # empty class
-        Case("PUT", b"/_matrix/federation/v1/send/1", XMATRIX[0]),  # unknown key kind
-        Case("GET", b"/_matrix/federation/v1/version"),  # a third field
-        Case("GET", b"/_matrix/media/v3/config"),  # missing family
-        Case("GET", b"/_matrix/client/versions"),
-    )
-    for _ in range(3):
-        for case in keyless:
-            answer = proxy.send("bad", case)
-            assert answer == Answer("main", "", "fallback_rest", "fallback", "fallback"), case
-        # A well-formed family still works; the bad seed is taken as 0.
-        room = Case("PUT", b"/_matrix/client/v3/rooms/%21a%3Ax/send/m/1", alice)
-        answer = proxy.send("bad", room)
-        expected = int(mmh3.hash(b"!a:x", 0, signed=False))
-        assert (answer.backend, answer.key) == ("event_creator", f"{expected:08x}")
-    # Each problem is logged, once.
-    warnings = (
-        'family sync: expected class:keykind in "synchrotron"',
-        'family initial_sync: bad class name in ":user"',
-        'family federation_inbound: unknown key kind in "federation_inbound:bogus"',
-        'family federation_reader: expected class:keykind in "federation_reader:uri:extra"',
-        'unknown family "bogus"',
-        "no argument for family media",
-        'seed "abc" is not within 0..4294967295',
-    )
-    wait_until(
-        lambda: all(_warnings(proxy, text) for text in warnings), 5, "the warnings in the log"
-    )
-    for text in warnings:
-        assert _warnings(proxy, text) == 1, (text, proxy.haproxy.log())
+NO_TABLE = Answer("", "", "fallback_no_table", "fallback", "")
 
 
-def test_a_malformed_rest_argument_leaves_the_request_to_the_default_backend(
-    proxy: Proxy,
+@pytest.mark.parametrize("name", [*BROKEN_TABLES, "missing"])
+def test_a_broken_or_missing_table_leaves_requests_to_the_default_backend(
+    proxy: Proxy, name: str
 ) -> None:
     alice = f"Bearer {ALICE}".encode()
-    for case in (
-        Case("GET", b"/_matrix/client/versions", alice),
-        Case("GET", b"/_matrix/client/v3/initialSync", alice),  # its argument has spaces
-    ):
-        answer = proxy.send("norest", case)
-        assert answer == Answer("", "", "fallback_rest", "fallback", "fallback"), case
-    answer = proxy.send("norest", Case("GET", b"/_matrix/media/v3/config", alice))
-    assert answer == Answer("m", "", "fallback_media", "fallback", "fallback")
-    answer = proxy.send("norest", Case("GET", b"/_matrix/client/v3/sync?since=1", alice))
-    expected = int(mmh3.hash(b"alice", 0, signed=False))  # seed out of range: 0
-    assert answer == Answer(
-        "synchrotron", f"{expected:08x}", "fallback_sync", "fallback", "fallback"
-    )
+    for _ in range(3):
+        for case in (
+            Case("GET", b"/_matrix/client/v3/sync?since=1", alice),
+            Case("GET", b"/_matrix/client/versions"),
+        ):
+            assert proxy.send(name, case) == NO_TABLE, case
+    reason = BROKEN_TABLES[name][1] if name in BROKEN_TABLES else "No such file or directory"
+    wait_until(lambda: _logged(proxy, reason) > 0, 5, f"{reason!r} in the log")
+    # Logged once, not once per request (nor once per re-read).
+    time.sleep(2.5)
+    lines = [line for line in proxy.haproxy.log().splitlines() if str(proxy.tables[name]) in line]
+    assert len(lines) == 1, lines
 
 
-def test_arguments_that_are_not_name_value_pairs_do_not_break_requests(proxy: Proxy) -> None:
+def test_a_new_table_is_followed_without_a_reload_and_a_broken_one_is_not(
+    proxy: Proxy,
+) -> None:
+    """The agent rewrites the table for each policy: the fallback follows within seconds."""
     alice = f"Bearer {ALICE}".encode()
-    answer = proxy.send("junk", Case("GET", b"/_matrix/client/v3/sync?since=1", alice))
-    assert answer == Answer("main", "", "fallback_rest", "fallback", "fallback")
-    answer = proxy.send("junk", Case("PUT", b"/_matrix/client/v3/rooms/!a:x/send/m/1", alice))
-    expected = int(mmh3.hash(b"!a:x", 0, signed=False))
-    assert (answer.backend, answer.key, answer.rule) == (
-        "e",
-        f"{expected:08x}",
-        "fallback_event_sending",
-    )
-    answer = proxy.send("junk", Case("GET", b"/_matrix/media/v3/config", alice))
-    assert answer == Answer("m", "", "fallback_media", "fallback", "fallback")
+    sync = Case("GET", b"/_matrix/client/v3/sync?since=1", alice)
+    path = proxy.tables["swap"]
+    before = proxy.send("swap", sync)
+    assert (before.backend, before.rule) == ("synchrotron", "sync")
+    # Atomically replaced, as the agent writes it: the simple policy's table.
+    write_table(path, table_text("simple"))
+    simple = load_policy(str(ROOT / "policies" / "simple.yaml"))
+    wait_until(lambda: proxy.send("swap", sync).policy == simple.version, 6, "the new table")
+    after = proxy.send("swap", sync)
+    assert (after.backend, after.rule) == ("sync", "sync")
+    # A broken file (truncated) is refused; the last good table stays.
+    path.write_text(broken_table("truncated"))
+    wait_until(lambda: _logged(proxy, "the last good one stays in use") > 0, 6, "the refusal")
+    assert proxy.send("swap", sync) == after
+    # Back to the first table.
+    write_table(path, table_text("synapse-workers"))
+    wait_until(lambda: proxy.send("swap", sync) == before, 6, "the first table again")
+
+
+def test_an_edited_policy_reaches_the_fallback_once_its_table_is_regenerated(
+    proxy: Proxy, tmp_path: Path
+) -> None:
+    """A sync path moved to another class and a federation read added: the fallback follows."""
+    alice = f"Bearer {ALICE}".encode()
+    moved = Case("GET", MOVED[0].encode() + b"?since=1", alice)
+    added = Case("GET", ADDED[0].encode() + b"?access_token=x")
+    assert proxy.send("edited", moved).rule == "sync"
+    assert proxy.send("edited", added).rule == "default"
+    edited = load_policy(str(edited_synapse_policy(tmp_path)))
+    write_table(proxy.tables["edited"], fallback_table(edited))
+    wait_until(lambda: proxy.send("edited", moved).policy == edited.version, 6, "the new table")
+    for case, (_, worker_class, rule) in ((moved, MOVED), (added, ADDED)):
+        answer = proxy.send("edited", case)
+        decision = edited.decide(case.request())
+        assert (answer.backend, answer.rule) == (worker_class, rule)
+        assert (answer.backend, answer.key or None, answer.rule) == (
+            decision.worker_class,
+            decision.key,
+            decision.rule,
+        )
+    # And every request of the shared set agrees with the edited policy.
+    assert_parity(proxy, "edited", shared_cases(), edited)
 
 
 # -- internal errors ---------------------------------------------------------------------------
@@ -961,11 +976,12 @@ def test_ipv4_clients_of_a_dual_stack_listener_get_the_agents_src_key(
             name="dual",
             port=port,
             action="matrix_fallback",
-            args=reference_arguments()["synapse-workers"],
+            table=tmp_path / "workers.table",
             answer=ANSWER,
         ).replace(f"bind 127.0.0.1:{port}", f"bind :::{port} v4v6"),
     )
     (tmp_path / "none.lua").write_text("-- nothing\n")
+    (tmp_path / "workers.table").write_text(table_text("synapse-workers"))
     haproxy = HAProxy(tmp_path, config)
     haproxy.start(port)
     client = Client()

@@ -207,7 +207,7 @@ def test_agent_killed_mid_traffic_then_fallback_keeps_classes_and_servers_then_a
     for request in traffic:
         outcome, fields = sent(runner, request)
         assert outcome.status == 200 and fields["via"] == "agent"
-        with_agent.append(outcome)
+        with_agent.append((outcome, fields["rule"], fields["key"]))
 
     # Kill the agent while requests flow: every one of them is answered.
     failures: list[Outcome] = []
@@ -235,23 +235,24 @@ def test_agent_killed_mid_traffic_then_fallback_keeps_classes_and_servers_then_a
     assert answered > 50
     assert failures == []
 
-    # Without the agent: the fallback decides, with the agent's class and
-    # server for every family it covers.
-    covered = 0
-    for request, before in zip(traffic, with_agent, strict=True):
+    # Without the agent: the fallback decides, by the table the agent wrote,
+    # with the agent's rule, class and key for every request, so the same
+    # server wherever there is a key (keyless rules are balanced as HAProxy
+    # sees fit, with the agent too).
+    keyed = 0
+    for request, (before, rule, key) in zip(traffic, with_agent, strict=True):
         outcome, fields = sent(runner, request)
         assert outcome.status == 200
         assert fields["via"] == "fallback"
-        if fields["rule"] == "fallback_rest":
-            assert outcome.worker_class == "main"
-            continue
-        covered += 1
-        assert (outcome.worker_class, outcome.worker) == (before.worker_class, before.worker), (
-            request.kind,
-            request.target,
-            fields,
-        )
-    assert covered > len(traffic) // 2
+        assert (fields["rule"], outcome.worker_class, fields["key"]) == (
+            rule,
+            before.worker_class,
+            key,
+        ), (request.kind, request.target, fields)
+        if key not in ("", "-"):
+            keyed += 1
+            assert outcome.worker == before.worker, (request.kind, request.target, fields)
+    assert keyed > len(traffic) // 2
 
     # The agent comes back: decisions are the agent's again.
     runner.stack.start_agent()
