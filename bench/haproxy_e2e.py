@@ -282,6 +282,12 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--haproxy", help="the HAProxy binary (default: the system's)")
     parser.add_argument("--policy", default=str(ROOT / "policies" / "synapse-workers.yaml"))
+    parser.add_argument(
+        "--lua",
+        metavar="DIR",
+        help="the fallback configuration loads DIR/matrix_fallback.lua instead of lua/ "
+        "(to compare variants of the fallback)",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("haproxy_e2e: needs wrk (apt-get install wrk)", file=sys.stderr)
@@ -325,6 +331,8 @@ def main() -> int:
                 agent_http=f"127.0.0.1:{free_port()}",
             )
             router.main_address = f"127.0.0.1:{workers['main'][0][1]}"
+            if name == "fallback" and args.lua:
+                router.lua_dir = Path(args.lua)
             loop.call(router.start_dns())
             for worker_class, endpoints in workers.items():
                 if worker_class != "main":

@@ -1,6 +1,6 @@
 -- matrix_fallback.lua: route a request when the matrix-spoa agent gave no answer.
 --
--- HAProxy runs this action only when the SPOE agent did not set
+-- haproxy.cfg calls this converter only when the SPOE agent did not set
 -- txn.route.backend (agent down, slow or failing). It routes by a table
 -- generated from the agent's policy (spoa/fallback.py): every rule, in the
 -- policy's order, with its path patterns, methods, query conditions, class
@@ -8,26 +8,28 @@
 -- the agent would have given (spoa/policy/compiled.py, spoa/matrix/*.py), so
 -- requests keep reaching the same worker while the agent is away.
 --
--- Usage (haproxy.cfg):
+-- A converter, not an action: HAProxy builds no transaction object for it
+-- and the request's fields come from native fetches, which makes it a
+-- fraction of an action's cost. Usage (haproxy.cfg has the full block):
 --
 --   lua-load matrix_fallback.lua
---   http-request lua.matrix_fallback /run/matrix-spoa/fallback.table \
---       if !{ var(txn.route.backend) -m found }
+--   http-request set-var(txn.fallback) method,concat(' ',txn.fallback_src,' '),...,
+--       lua.matrix_fallback(/run/matrix-spoa/fallback.table)
+--
+-- Input: "method src path query authorization", one space between fields
+-- (the path and query are raw, the query without "?"; the authorization
+-- header is last, whatever it holds). Output: "class rule policy [key]",
+-- where key is 8 hex digits when the rule's key was found, policy is the
+-- version of the policy the table came from, and class "-" means "leave the
+-- request to HAProxy's default_backend" (rule "fallback_no_table" without a
+-- table, "fallback_error" on an internal error, which is logged).
 --
 -- The one argument is the table's path. The agent writes the table whenever
 -- it loads a policy (spoa serve --fallback-table); "spoa fallback POLICY"
 -- writes one offline. The file is read at the first request and again
 -- whenever its content changes (checked every two seconds): a new policy
 -- reaches the fallback with no reload. A missing or broken file is logged and
--- the last good table stays in use; with none at all, HAProxy's
--- default_backend takes the requests.
---
--- The action sets txn.route.backend (class), txn.route.key (8 hex digits,
--- only when there is a key), txn.route.rule (the policy's rule name),
--- txn.route.policy (the version of the policy the table came from) and
--- txn.route.via ("fallback"). It never raises: on an internal error only
--- txn.route.via is set, to "fallback-error", and HAProxy's default_backend
--- takes the request.
+-- the last good table stays in use.
 
 local KEY_KINDS = {
     token = true,
@@ -63,8 +65,25 @@ local function query_value(query, name)
     if not query or query == "" then
         return nil
     end
-    if not query:find(name, 1, true) and not query:find("%", 1, true) then
-        return nil
+    if not query:find("%", 1, true) then
+        -- No escapes: the first occurrence of the name that is a whole key.
+        local start = 1
+        while true do
+            local first, last = query:find(name, start, true)
+            if first == nil then
+                return nil
+            end
+            if first == 1 or query:byte(first - 1) == 38 then -- "&"
+                local after = query:byte(last + 1)
+                if after == nil or after == 38 then
+                    return ""
+                elseif after == 61 then -- "="
+                    local stop = query:find("&", last + 2, true)
+                    return query:sub(last + 2, stop and stop - 1 or -1)
+                end
+            end
+            start = first + 1
+        end
     end
     for part in (query .. "&"):gmatch("([^&]*)&") do
         local equals = part:find("=", 1, true)
@@ -315,9 +334,26 @@ end
 
 -- The origin of "Authorization: X-Matrix ...", or nil. Parameters are read in
 -- order until the first "origin"; a syntax error before it gives nil.
+-- The usual header, origin first and plain ASCII (a quoted value without
+-- backslashes, or a bare one), read with one pattern: what the parser below
+-- would find.
+local ORIGIN_FIRST = "^ +[Oo][Rr][Ii][Gg][Ii][Nn][ \t]*=[ \t]*"
+local QUOTED_END = '^"([^"\\]*)"[ \t]*()'
+local BARE_END = "^([!#-+%--~]+)[ \t]*()"
+
 local function xmatrix_origin(auth)
     if not auth or auth:sub(1, 8):lower() ~= "x-matrix" or auth:byte(9) ~= 32 then
         return nil
+    end
+    local _, value_start = auth:find(ORIGIN_FIRST, 9)
+    if value_start then
+        local value, after = auth:match(QUOTED_END, value_start + 1)
+        if value == nil then
+            value, after = auth:match(BARE_END, value_start + 1)
+        end
+        if value and (after > #auth or auth:byte(after) == 44) then -- end, or ","
+            return value ~= "" and value or nil
+        end
     end
     local i = 9
     while auth:byte(i) == 32 do
@@ -342,42 +378,39 @@ end
 -- -- MurmurHash3_x86_32 -------------------------------------------------------
 
 -- Lua 5.3 integers are 64-bit: products keep their low 32 bits exactly, so
--- masking after each step gives 32-bit unsigned arithmetic.
-local function mul32(a, b)
-    return (a * b) & 0xffffffff
-end
-
-local function rotl32(x, r)
-    return ((x << r) | (x >> (32 - r))) & 0xffffffff
-end
-
-local function mix_block(k)
-    return mul32(rotl32(mul32(k, 0xcc9e2d51), 15), 0x1b873593)
-end
+-- masking after each step gives 32-bit unsigned arithmetic. Written out, with
+-- no helper calls: this runs for every key that is not remembered.
+local unpack = string.unpack
 
 local function murmur3_32(data, seed)
     local h = seed & 0xffffffff
     local length = #data
-    local blocks = length // 4
-    for block = 0, blocks - 1 do
-        local k = string.unpack("<I4", data, block * 4 + 1)
-        h = h ~ mix_block(k)
-        h = (rotl32(h, 13) * 5 + 0xe6546b64) & 0xffffffff
+    local tail = length - length % 4
+    for position = 1, tail, 4 do
+        local k = unpack("<I4", data, position)
+        k = (k * 0xcc9e2d51) & 0xffffffff
+        k = ((k << 15) | (k >> 17)) & 0xffffffff
+        k = (k * 0x1b873593) & 0xffffffff
+        h = h ~ k
+        h = ((h << 13) | (h >> 19)) & 0xffffffff
+        h = (h * 5 + 0xe6546b64) & 0xffffffff
     end
-    local tail = blocks * 4
     local remaining = length - tail
     if remaining > 0 then
         local k = 0
         for offset = remaining, 1, -1 do
             k = (k << 8) | data:byte(tail + offset)
         end
-        h = h ~ mix_block(k)
+        k = (k * 0xcc9e2d51) & 0xffffffff
+        k = ((k << 15) | (k >> 17)) & 0xffffffff
+        k = (k * 0x1b873593) & 0xffffffff
+        h = h ~ k
     end
     h = h ~ (length & 0xffffffff)
     h = h ~ (h >> 16)
-    h = mul32(h, 0x85ebca6b)
+    h = (h * 0x85ebca6b) & 0xffffffff
     h = h ~ (h >> 13)
-    h = mul32(h, 0xc2b2ae35)
+    h = (h * 0xc2b2ae35) & 0xffffffff
     h = h ~ (h >> 16)
     return h
 end
@@ -396,37 +429,57 @@ local function src_key(src)
     return mapped or src
 end
 
-local function fetch(txn, name, ...)
-    local value = txn.f[name](txn.f, ...)
-    if value == nil then
-        return nil
-    end
-    return tostring(value)
+-- Bounded memos, as the agent's: at most MEMO_ENTRIES entries of texts up to
+-- MEMO_MAX_TEXT bytes each, emptied when full. Memory stays bounded whatever
+-- the traffic; the usual traffic (each user's sync loop, a room's sends) is
+-- answered from them.
+local MEMO_ENTRIES = 8192
+local MEMO_MAX_TEXT = 256
+
+local function new_memo()
+    return { entries = {}, size = 0 }
 end
 
--- The key source of a request for a key kind, or nil. Only what the kind
--- needs is fetched.
-local function key_source(txn, kind, path, query)
+local function remember(memo, key, value)
+    if #key <= MEMO_MAX_TEXT then
+        if memo.size >= MEMO_ENTRIES then
+            memo.entries, memo.size = {}, 0
+        end
+        memo.entries[key] = value
+        memo.size = memo.size + 1
+    end
+    return value
+end
+
+-- Users by token: a syt_ token's localpart, or the token itself.
+local users = new_memo()
+
+-- The key source of a request for a key kind, or nil.
+local function key_source(kind, path, query, auth, src)
     if kind == "none" then
         return nil
     elseif kind == "user" or kind == "token" then
-        local token = access_token(fetch(txn, "req_fhdr", "authorization"), query)
+        local token = access_token(auth, query)
         if token == nil or kind == "token" then
             return token
         end
-        -- Other tokens than syt_ ones are keys by themselves.
-        return syt_localpart(token) or token
+        local user = users.entries[token]
+        if user == nil then
+            -- Other tokens than syt_ ones are keys by themselves.
+            user = remember(users, token, syt_localpart(token) or token)
+        end
+        return user
     elseif kind == "room" then
         return room_from_path(path)
     elseif kind == "origin" then
-        return xmatrix_origin(fetch(txn, "req_fhdr", "authorization")) or src_key(fetch(txn, "src"))
+        return xmatrix_origin(auth) or src_key(src)
     elseif kind == "uri" then
         if query and query ~= "" then
             return path .. "?" .. query
         end
         return path
     end
-    return src_key(fetch(txn, "src"))
+    return src_key(src)
 end
 
 -- -- the table ----------------------------------------------------------------
@@ -551,7 +604,7 @@ local function parse_table(text)
     if lines[#lines] ~= "end" then
         return nil, "incomplete: no final \"end\" line"
     end
-    local routing = { rules = {}, patterns = {}, memo = {}, memo_size = 0 }
+    local routing = { rules = {}, patterns = {}, chains = new_memo(), keys = new_memo() }
     local rule
     for number = 2, #lines - 1 do
         local record, rest = lines[number]:match("^(%l+) (.+)$")
@@ -672,14 +725,12 @@ end)
 
 -- -- matching -----------------------------------------------------------------
 
-local MEMO_ENTRIES = 8192
-local MEMO_MAX_TEXT = 256
 local NO_RULES = {}
 
 -- The rules whose patterns match the path, in order, up to the first without
 -- conditions (the agent's CompiledPolicy._chain). Remembered by path.
 local function chain_of(routing, path)
-    local chain = routing.memo[path]
+    local chain = routing.chains.entries[path]
     if chain then
         return chain
     end
@@ -699,15 +750,7 @@ local function chain_of(routing, path)
             end
         end
     end
-    chain = chain or NO_RULES
-    if #path <= MEMO_MAX_TEXT then
-        if routing.memo_size >= MEMO_ENTRIES then
-            routing.memo, routing.memo_size = {}, 0
-        end
-        routing.memo[path] = chain
-        routing.memo_size = routing.memo_size + 1
-    end
-    return chain
+    return remember(routing.chains, path, chain or NO_RULES)
 end
 
 local function conditions_hold(rule, method, query)
@@ -727,63 +770,65 @@ local function conditions_hold(rule, method, query)
     return true
 end
 
--- -- the action ---------------------------------------------------------------
+-- -- the converter ------------------------------------------------------------
 
-local function route_request(txn, table_path)
-    local routing = table_for(table_path)
-    txn:set_var("txn.route.via", "fallback")
-    if not routing then
-        txn:set_var("txn.route.rule", "fallback_no_table")
-        return
+-- The request, as haproxy.cfg joins it: "method src path query auth", each
+-- field up to the next space but the last (an Authorization header may hold
+-- spaces; the others cannot). Empty fields are absent.
+local function split_request(input)
+    local method, src, path, query, auth = input:match("^([^ ]*) ([^ ]*) ([^ ]*) ([^ ]*) (.*)$")
+    if method == nil then
+        -- Not what haproxy.cfg joins: no method, no key, only a path.
+        return "", nil, input, nil, nil
     end
-    local path = fetch(txn, "path") or ""
-    local chain = chain_of(routing, path)
-    local rule = routing.default
-    local query, fetched = nil, false
-    for _, candidate in ipairs(chain) do
-        if not candidate.conditional then
-            rule = candidate
-            break
-        end
-        if not fetched then
-            query, fetched = fetch(txn, "query"), true
-        end
-        if conditions_hold(candidate, fetch(txn, "method"), query) then
-            rule = candidate
-            break
-        end
-    end
-    local kind = rule.kind
-    if not fetched and (kind == "user" or kind == "token" or kind == "uri") then
-        query = fetch(txn, "query")
-    end
-    local source = key_source(txn, kind, path, query)
-    txn:set_var("txn.route.backend", rule.class)
-    if source then
-        txn:set_var("txn.route.key", string.format("%08x", murmur3_32(source, routing.seed)))
-    end
-    txn:set_var("txn.route.rule", rule.name)
-    txn:set_var("txn.route.policy", routing.version)
+    return method, src, path, query ~= "" and query or nil, auth ~= "" and auth or nil
 end
 
-local ROUTE_VARS = { "txn.route.backend", "txn.route.key", "txn.route.rule", "txn.route.policy" }
+-- "class rule policy [key]": what haproxy.cfg sets txn.route.* from.
+local function route(input, table_path)
+    local routing = table_for(table_path)
+    if not routing then
+        return "- fallback_no_table -"
+    end
+    local method, src, path, query, auth = split_request(input)
+    local chain = chain_of(routing, path)
+    local rule = routing.default
+    for _, candidate in ipairs(chain) do
+        if not candidate.conditional or conditions_hold(candidate, method, query) then
+            rule = candidate
+            break
+        end
+    end
+    local answer = rule.answer
+    if answer == nil then
+        answer = rule.class .. " " .. rule.name .. " " .. routing.version
+        rule.answer = answer
+    end
+    local source = key_source(rule.kind, path, query, auth, src)
+    if source == nil then
+        return answer
+    end
+    local key = routing.keys.entries[source]
+    if key == nil then
+        key = remember(routing.keys, source, string.format("%08x", murmur3_32(source, routing.seed)))
+    end
+    return answer .. " " .. key
+end
 
 -- Internal errors are bugs, not configuration: log the first few only, and
 -- never more than the error itself (no request data).
 local ERRORS_LOGGED_MAX = 10
 local errors_logged = 0
 
-core.register_action("matrix_fallback", { "http-req" }, function(txn, table_path)
-    local ok, err = pcall(route_request, txn, table_path or "")
-    if not ok then
-        -- Undo whatever was set: the request goes to the default backend.
-        for _, name in ipairs(ROUTE_VARS) do
-            pcall(txn.unset_var, txn, name)
-        end
-        pcall(txn.set_var, txn, "txn.route.via", "fallback-error")
-        if errors_logged < ERRORS_LOGGED_MAX then
-            errors_logged = errors_logged + 1
-            pcall(core.log, core.err, "matrix_fallback: internal error: " .. tostring(err))
-        end
+core.register_converters("matrix_fallback", function(input, table_path)
+    local ok, answer = pcall(route, input, table_path or "")
+    if ok then
+        return answer
     end
-end, 1)
+    if errors_logged < ERRORS_LOGGED_MAX then
+        errors_logged = errors_logged + 1
+        pcall(core.log, core.err, "matrix_fallback: internal error: " .. tostring(answer))
+    end
+    -- Nothing is routed: HAProxy's default_backend takes the request.
+    return "- fallback_error -"
+end)

@@ -126,7 +126,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--haproxy",
         metavar="CFG",
         help="also check this HAProxy configuration: a backend for every class, "
-        "and a Lua fallback table (the file its lua.matrix_fallback action names) "
+        "and a Lua fallback table (the file its lua.matrix_fallback converter names) "
         "made from this very policy",
     )
     check.add_argument(

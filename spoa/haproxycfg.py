@@ -18,7 +18,7 @@ from .fallback import UntranslatableError, fallback_table, table_version
 from .policy import CompiledPolicy
 
 _BACKEND = re.compile(r"^\s*backend\s+(\S+)", re.MULTILINE)
-_FALLBACK = re.compile(r"^\s*http-request\s+lua\.matrix_fallback(?:\s+(\S+))?", re.M)
+_FALLBACK = re.compile(r"\blua\.matrix_fallback\(([^)]*)\)")
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:-([^}]*))?\}")
 
 
@@ -36,15 +36,15 @@ class Fallback(enum.Enum):
     BROKEN = "broken"  # not a (whole) table
     ABSENT = "absent"  # no file (yet: the agent writes it when it starts)
     UNTRANSLATABLE = "untranslatable"  # no table can follow this policy
-    NO_ACTION = "no action"  # the configuration does not run the fallback
+    NOT_CALLED = "not called"  # the configuration does not run the fallback
 
 
 @dataclass
 class Report:
     missing_backends: list[str] = field(default_factory=list)
     unused_backends: list[str] = field(default_factory=list)
-    fallback: Fallback = Fallback.NO_ACTION
-    #: The table file compared (the action's argument, or the one given).
+    fallback: Fallback = Fallback.NOT_CALLED
+    #: The table file compared (the converter's argument, or the one given).
     table_path: str | None = None
     #: The policy version the file was made from, or why no table can be.
     detail: str = ""
@@ -95,8 +95,9 @@ def check_haproxy(
     """Compare a policy's classes and fallback with an HAProxy configuration.
 
     The fallback's table is ``table_path`` if given, else the file the
-    configuration's ``lua.matrix_fallback`` action names (with HAProxy's
+    configuration's ``lua.matrix_fallback`` converter names (with HAProxy's
     ``${NAME-default}`` expanded from ``environ``, the process's by default).
+    The fallback is the ``lua.matrix_fallback(<table>)`` converter.
     """
     # Ignore comments so commented-out sections do not count.
     text = "\n".join(line.split("#", 1)[0] for line in config.splitlines())
@@ -107,12 +108,12 @@ def check_haproxy(
     report.unused_backends = sorted(
         b for b in backends if b.startswith("be_") and b != "be_spoa" and b[3:] not in classes
     )
-    actions = _FALLBACK.findall(text)
-    if not actions:
+    calls = _FALLBACK.findall(text)
+    if not calls:
         return report
     report.fallback = Fallback.ABSENT
-    if table_path is None and actions[0] not in ("", "if", "unless"):
-        table_path = expand_env(actions[0], os.environ if environ is None else environ)
+    if table_path is None and calls[0]:
+        table_path = expand_env(calls[0], os.environ if environ is None else environ)
     check_fallback(policy, table_path, report)
     return report
 
@@ -132,7 +133,7 @@ def format_report(report: Report, config_path: str, policy_path: str) -> list[st
     table = report.table_path
     regenerate = f"spoa fallback {policy_path} -o {table}"
     messages = {
-        Fallback.NO_ACTION: f"note: {config_path} has no lua.matrix_fallback action",
+        Fallback.NOT_CALLED: f"note: {config_path} never calls the lua.matrix_fallback converter",
         Fallback.AGREES: f"ok: the Lua fallback's table {table} agrees with {policy_path}",
         Fallback.STALE: f"error: the Lua fallback's table {table} is of policy version "
         f"{report.detail}, not of {policy_path}: with the agent down, requests would be "
@@ -144,7 +145,7 @@ def format_report(report: Report, config_path: str, policy_path: str) -> list[st
         Fallback.ABSENT: f"note: no fallback table at {table} yet; the agent writes it "
         f"(--fallback-table), or: {regenerate}"
         if table
-        else "note: the lua.matrix_fallback action names no table",
+        else "note: the lua.matrix_fallback converter names no table",
         Fallback.UNTRANSLATABLE: "error: the Lua fallback cannot follow "
         f"{policy_path}: {report.detail}",
     }

@@ -207,7 +207,7 @@ def test_check_haproxy_fails_on_a_table_of_another_policy_version(tmp_path: Path
     assert fresh.returncode == 0, fresh.stderr
 
 
-def test_check_haproxy_reads_the_table_the_action_names(tmp_path: Path) -> None:
+def test_check_haproxy_reads_the_table_the_converter_names(tmp_path: Path) -> None:
     """The configuration's ${SPOA_FALLBACK_TABLE-...}, from the environment."""
     table = tmp_path / "fallback.table"
     env = {"SPOA_FALLBACK_TABLE": str(table)}

@@ -97,40 +97,37 @@ ANSWER = (
 FRONTEND = """\
 frontend fe_{name}
     bind 127.0.0.1:{port}
-    http-request lua.{action} "{table}"
+{block}
     http-request return status 200 content-type text/plain lf-string "{answer}" \
 hdr X-Route-Policy "%[var(txn.route.policy)]"
 """
 
-#: Loaded before the fallback: registers, next to matrix_fallback, an action
-#: that runs the same function on a transaction whose set_var fails for
-#: txn.route.policy, after the class, key and rule were set. Only a test can
-#: make the action fail from the inside.
+#: Loaded before the fallback: registers, next to the matrix_fallback
+#: converter, one that runs the same function on an input no request can
+#: give (none at all). Only a test can make the converter fail inside.
 FAILING_SHIM = """\
-local register_action = core.register_action
+local register_converters = core.register_converters
 
-local function failing_txn(txn)
-    return {
-        f = txn.f,
-        set_var = function(_, name, value)
-            if name == "txn.route.policy" then
-                error("set_var failed on purpose")
-            end
-            return txn:set_var(name, value)
-        end,
-        unset_var = function(_, name)
-            return txn:unset_var(name)
-        end,
-    }
-end
-
-core.register_action = function(name, actions, action, nb_args)
-    register_action(name, actions, action, nb_args)
-    register_action(name .. "_failing", actions, function(txn, ...)
-        return action(failing_txn(txn), ...)
-    end, nb_args)
+core.register_converters = function(name, converter)
+    register_converters(name, converter)
+    register_converters(name .. "_failing", function(input, ...)
+        return converter(nil, ...)
+    end)
 end
 """
+
+
+def fallback_block(table: Path, converter: str = "matrix_fallback") -> str:
+    """The fallback's lines of haproxy/haproxy.cfg, reading ``table``."""
+    lines = REFERENCE_CONFIG.read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if "set-var(txn.fallback_src)" in line)
+    key = "set-var(txn.route.key) var(txn.fallback)"
+    last = next(i for i, line in enumerate(lines) if key in line)
+    block = "\n".join(lines[first : last + 1])
+    default = '"${SPOA_FALLBACK_TABLE-/run/matrix-spoa/fallback.table}"'
+    assert block.count(default) == 1, block
+    return block.replace(default, str(table)).replace("lua.matrix_fallback(", f"lua.{converter}(")
+
 
 CONFIG = """\
 global
@@ -295,8 +292,10 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
             FRONTEND.format(
                 name=name,
                 port=ports[name],
-                action="matrix_fallback_failing" if name == "failing" else "matrix_fallback",
-                table=tables[name],
+                block=fallback_block(
+                    tables[name],
+                    "matrix_fallback_failing" if name == "failing" else "matrix_fallback",
+                ),
                 answer=ANSWER,
             )
             for name in tables
@@ -312,7 +311,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
         haproxy.stop()
     # No error but the ones the failing frontend causes on purpose.
     errors = [line for line in haproxy.log().splitlines() if "error" in line.lower()]
-    assert all("on purpose" in line for line in errors), errors
+    assert all("matrix_fallback: internal error" in line for line in errors), errors
 
 
 # -- the shared request set -----------------------------------------------------------------
@@ -877,7 +876,7 @@ def _logged(proxy: Proxy, text: str) -> int:
     return proxy.haproxy.log().count(text)
 
 
-NO_TABLE = Answer("", "", "fallback_no_table", "fallback", "")
+NO_TABLE = Answer("", "", "fallback_no_table", "fallback", "-")
 
 
 @pytest.mark.parametrize("name", [*BROKEN_TABLES, "missing"])
@@ -951,17 +950,18 @@ def test_an_edited_policy_reaches_the_fallback_once_its_table_is_regenerated(
 # -- internal errors ---------------------------------------------------------------------------
 
 
-def test_an_internal_error_leaves_only_via_fallback_error(proxy: Proxy) -> None:
+def test_an_internal_error_leaves_the_request_to_the_default_backend(proxy: Proxy) -> None:
     alice = f"Bearer {ALICE}".encode()
     for case in (
         Case("GET", b"/_matrix/client/v3/sync?since=1", alice),
         Case("PUT", b"/_matrix/client/v3/rooms/%21a%3Ax/send/m/1", alice),
         Case("GET", b"/_matrix/client/versions"),
     ):
-        # The class, key and rule set before the failure are taken back.
         answer = proxy.send("failing", case)
-        assert answer == Answer("", "", "", "fallback-error", ""), case
-    wait_until(lambda: "on purpose" in proxy.haproxy.log(), 5, "the internal error in the log")
+        assert answer == Answer("", "", "fallback_error", "fallback", "-"), case
+    wait_until(
+        lambda: "matrix_fallback: internal error" in proxy.haproxy.log(), 5, "the error logged"
+    )
 
 
 def test_ipv4_clients_of_a_dual_stack_listener_get_the_agents_src_key(
@@ -975,8 +975,7 @@ def test_ipv4_clients_of_a_dual_stack_listener_get_the_agents_src_key(
         frontends=FRONTEND.format(
             name="dual",
             port=port,
-            action="matrix_fallback",
-            table=tmp_path / "workers.table",
+            block=fallback_block(tmp_path / "workers.table"),
             answer=ANSWER,
         ).replace(f"bind 127.0.0.1:{port}", f"bind :::{port} v4v6"),
     )
