@@ -77,10 +77,18 @@ _VARINT_TABLE: Final[list[bytes]] = [bytes((i,)) for i in range(240)] + [
 _VARINT_TABLE_SIZE: Final = len(_VARINT_TABLE)
 
 
+#: The end of the three-byte range: HAProxy's stream ids pass the table's
+#: range within seconds, and every ACK carries one.
+_VARINT_THREE_BYTES_END: Final = 264432
+
+
 def encode_varint(value: int) -> bytes:
     """Encode an unsigned integer below 2**64 as a SPOP varint."""
     if 0 <= value < _VARINT_TABLE_SIZE:
         return _VARINT_TABLE[value]
+    if _VARINT_TABLE_SIZE <= value < _VARINT_THREE_BYTES_END:
+        rest = (value - 240) >> 4
+        return bytes(((value | 0xF0) & 0xFF, (rest | 0x80) & 0xFF, (rest - 128) >> 7))
     if value < 0 or value > UINT64_MAX:
         raise ValueError(f"varint out of range: {value}")
     return _encode_varint_slow(value)

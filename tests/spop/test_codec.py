@@ -36,6 +36,7 @@ from spoa.spop import (
     encode_varint,
     split_frames,
 )
+from spoa.spop.codec import _encode_varint_slow
 from tests.spop.captures import CAPTURED
 
 # The varint table of SPOE.txt 3.1 / the reference notes, with the boundary
@@ -108,6 +109,12 @@ def test_varint_never_reads_past_the_end_offset() -> None:
     raw = bytes.fromhex("f08000")
     with pytest.raises(DecodeError):
         decode_varint(raw, 0, 2)
+
+
+@given(st.integers(min_value=2288, max_value=264431))
+def test_varint_three_byte_values_encode_as_the_general_loop_does(value: int) -> None:
+    assert encode_varint(value) == _encode_varint_slow(value)
+    assert len(encode_varint(value)) == 3
 
 
 @given(st.integers(min_value=0, max_value=2**64 - 1))
