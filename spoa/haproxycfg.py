@@ -82,6 +82,13 @@ def check_fallback(policy: CompiledPolicy, table_path: str | None, report: Repor
         report.fallback = Fallback.AGREES
     elif version is None:
         report.fallback = Fallback.BROKEN
+    elif version == policy.version:
+        # This very policy's version, other content: not stale, but wrong.
+        report.fallback = Fallback.BROKEN
+        report.detail = (
+            "of this policy's version, but with other rules: edited by hand, "
+            "or made by another release of spoa"
+        )
     else:
         report.fallback, report.detail = Fallback.STALE, version
 
@@ -97,7 +104,6 @@ def check_haproxy(
     The fallback's table is ``table_path`` if given, else the file the
     configuration's ``lua.matrix_fallback`` converter names (with HAProxy's
     ``${NAME-default}`` expanded from ``environ``, the process's by default).
-    The fallback is the ``lua.matrix_fallback(<table>)`` converter.
     """
     # Ignore comments so commented-out sections do not count.
     text = "\n".join(line.split("#", 1)[0] for line in config.splitlines())

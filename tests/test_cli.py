@@ -223,6 +223,22 @@ def test_check_haproxy_reads_the_table_the_converter_names(tmp_path: Path) -> No
     assert stale.returncode == 1 and "is of policy version" in stale.stderr
 
 
+def test_check_haproxy_fails_on_a_table_of_this_version_with_other_rules(
+    tmp_path: Path,
+) -> None:
+    table = tmp_path / "fallback.table"
+    assert spoa("fallback", SYNAPSE, "-o", str(table)).returncode == 0
+    text = table.read_text()
+    assert "\nrule typing typing none " in text
+    table.write_text(text.replace("\nrule typing typing none ", "\nrule typing main none ", 1))
+    result = spoa("check", SYNAPSE, "--haproxy", HAPROXY_CFG, "--fallback-table", str(table))
+    assert result.returncode == 1
+    assert f"error: {table} is not a whole fallback table (of this policy's version" in (
+        result.stderr
+    )
+    assert "is of policy version" not in result.stderr
+
+
 def test_fallback_refuses_a_policy_it_cannot_follow(tmp_path: Path) -> None:
     policy = tmp_path / "p.yaml"
     policy.write_text(
