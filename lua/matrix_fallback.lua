@@ -566,13 +566,12 @@ end
 -- its own and the short ones (anchored on less than a bucket's worth of
 -- text, or not anchored) that could match a path in it.
 local function index(routing)
-    local long, short = {}, {}
+    local keys, short = {}, {}
     for _, entry in ipairs(routing.patterns) do
         local prefix = literal_prefix(entry.pattern)
-        local finish = bucket_end(prefix)
-        if prefix ~= "" and prefix:sub(finish, finish) == "/" and select(2, prefix:gsub("/", "")) >= BUCKET_SLASHES then
-            local key = prefix:sub(1, finish)
-            long[key] = long[key] or {}
+        if select(2, prefix:gsub("/", "")) >= BUCKET_SLASHES then
+            local key = prefix:sub(1, bucket_end(prefix))
+            keys[key] = true
             entry.bucket = key
         else
             entry.prefix = prefix
@@ -581,7 +580,7 @@ local function index(routing)
     end
     routing.short = short
     routing.buckets = {}
-    for key in pairs(long) do
+    for key in pairs(keys) do
         local list = {}
         for _, entry in ipairs(routing.patterns) do
             if entry.bucket == key or (entry.bucket == nil and key:sub(1, #entry.prefix) == entry.prefix) then

@@ -132,7 +132,7 @@ def _build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--fallback-table",
         metavar="FILE",
-        help="with --haproxy: the fallback table HAProxy reads, if not the action's argument",
+        help="with --haproxy: the fallback table HAProxy reads, if not the converter's argument",
     )
     check.add_argument(
         "--synapse",
@@ -354,14 +354,22 @@ async def _serve(args: argparse.Namespace) -> int:
 # -- check -------------------------------------------------------------------------
 
 
-def _check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+def _load_reporting(path: str, err: TextIO, count: bool = False) -> CompiledPolicy | None:
+    """The policy at ``path``, or None once every error is printed (and their count)."""
     try:
-        policy = load_policy(args.policy)
+        return load_policy(path)
     except PolicyError as exc:
         for error in exc.errors:
             print(error, file=err)
-        count = len(exc.errors)
-        print(f"{args.policy}: {count} error{'s' if count != 1 else ''}", file=err)
+        if count:
+            total = len(exc.errors)
+            print(f"{path}: {total} error{'s' if total != 1 else ''}", file=err)
+        return None
+
+
+def _check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    policy = _load_reporting(args.policy, err, count=True)
+    if policy is None:
         return 1
     patterns = sum(len(rule.spec.paths) for rule in policy.rules if rule.spec)
     print(
@@ -398,12 +406,11 @@ def _check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def _fallback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    try:
-        text = fallback_table(load_policy(args.policy))
-    except PolicyError as exc:
-        for error in exc.errors:
-            print(error, file=err)
+    policy = _load_reporting(args.policy, err)
+    if policy is None:
         return 1
+    try:
+        text = fallback_table(policy)
     except UntranslatableError as exc:
         print(f"{args.policy}: the Lua fallback cannot follow this policy: {exc}", file=err)
         return 1
@@ -601,11 +608,8 @@ def _explain_all(
 
 
 def _explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    try:
-        policy = load_policy(args.policy)
-    except PolicyError as exc:
-        for error in exc.errors:
-            print(error, file=err)
+    policy = _load_reporting(args.policy, err)
+    if policy is None:
         return 1
     if args.jsonl:
         if args.method or args.target:

@@ -52,13 +52,13 @@ SEEDS = (0, 1, 42, 1234, 0x9747B28C, 2**31, 2**32 - 1)
 
 #: Tables the fallback must refuse, each with the reason it logs.
 BROKEN_TABLES = {
-    "empty": ("", "its first line is not"),
-    "truncated": (None, 'no final "end" line'),
-    "badclass": (None, 'bad class name "a/b"'),
-    "badkind": (None, 'unknown key kind "bogus"'),
-    "badseed": (None, "seed is not within 0..4294967295"),
-    "orphan": (None, "a path before any rule"),
-    "unknown": (None, "unknown record"),
+    "empty": "its first line is not",
+    "truncated": 'no final "end" line',
+    "badclass": 'bad class name "a/b"',
+    "badkind": 'unknown key kind "bogus"',
+    "badseed": "seed is not within 0..4294967295",
+    "orphan": "a path before any rule",
+    "unknown": "unknown record",
 }
 
 
@@ -890,7 +890,7 @@ def test_a_broken_or_missing_table_leaves_requests_to_the_default_backend(
             Case("GET", b"/_matrix/client/versions"),
         ):
             assert proxy.send(name, case) == NO_TABLE, case
-    reason = BROKEN_TABLES[name][1] if name in BROKEN_TABLES else "No such file or directory"
+    reason = BROKEN_TABLES.get(name, "No such file or directory")
     wait_until(lambda: _logged(proxy, reason) > 0, 5, f"{reason!r} in the log")
     # Logged once, not once per request (nor once per re-read).
     time.sleep(2.5)
