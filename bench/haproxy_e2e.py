@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -61,6 +62,40 @@ def cpu_seconds(pid: int) -> float:
 
 
 @dataclass
+class AgentTraffic:
+    """Decisions, socket reads and writes, and connections of the agent over a round."""
+
+    decisions: int = 0
+    reads: int = 0
+    writes: int = 0
+    accepted: int = 0
+    #: Connections open at the end of the round.
+    open: int = 0
+
+    @classmethod
+    def now(cls, pid: int, http: str) -> AgentTraffic:
+        io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+        with urllib.request.urlopen(f"http://{http}/status.json", timeout=5) as response:
+            status = json.loads(response.read())
+        return cls(
+            int(status["decisions_total"]),
+            int(io["syscr"]),
+            int(io["syscw"]),
+            int(status["connections"]["accepted"]),
+            int(status["connections"]["open"]),
+        )
+
+    def since(self, before: AgentTraffic) -> AgentTraffic:
+        return AgentTraffic(
+            self.decisions - before.decisions,
+            self.reads - before.reads,
+            self.writes - before.writes,
+            self.accepted - before.accepted,
+            self.open,
+        )
+
+
+@dataclass
 class Result:
     requests: int
     seconds: float
@@ -71,6 +106,8 @@ class Result:
     agent_cpu: float
     #: Requests the agent configuration's HAProxy logged as routed by the fallback.
     via_fallback: int = 0
+    #: The agent's side of the round: what HAProxy's SPOE traffic looks like.
+    agent: AgentTraffic | None = None
 
     @property
     def rate(self) -> float:
@@ -83,6 +120,8 @@ class Config:
     port: int
     haproxy_pid: int
     agent_pid: int | None = None
+    #: The agent's HTTP address (status.json).
+    agent_http: str | None = None
     #: HAProxy's log (the shipped log-format: via=agent|fallback per request).
     log: Path | None = None
     results: list[Result] = field(default_factory=list)
@@ -218,9 +257,15 @@ def measure(config: Config, script: Path, seconds: float, connections: int) -> R
     haproxy_before = cpu_seconds(config.haproxy_pid)
     agent_before = cpu_seconds(config.agent_pid) if config.agent_pid else 0.0
     log_before = config.log.stat().st_size if config.log else 0
+    traffic = None
+    if config.agent_pid and config.agent_http:
+        traffic = AgentTraffic.now(config.agent_pid, config.agent_http)
     text, _ = run_wrk(config.port, script, seconds, connections)
     haproxy_cpu = cpu_seconds(config.haproxy_pid) - haproxy_before
     agent_cpu = (cpu_seconds(config.agent_pid) - agent_before) if config.agent_pid else 0.0
+    if traffic is not None:
+        assert config.agent_pid and config.agent_http
+        traffic = AgentTraffic.now(config.agent_pid, config.agent_http).since(traffic)
     via_fallback = 0
     if config.log:
         time.sleep(0.5)  # HAProxy writes a request's line after its response
@@ -247,6 +292,7 @@ def measure(config: Config, script: Path, seconds: float, connections: int) -> R
         haproxy_cpu,
         agent_cpu,
         via_fallback,
+        traffic,
     )
 
 
@@ -359,7 +405,16 @@ def main() -> int:
                 assert router.haproxy is not None
                 agent_pid = router.agent.pid if router.agent is not None else None
                 logged = router.workdir / "haproxy.log"
-                configs.append(Config(name, router.port, router.haproxy.pid, agent_pid, logged))
+                configs.append(
+                    Config(
+                        name,
+                        router.port,
+                        router.haproxy.pid,
+                        agent_pid,
+                        router.agent_http if agent_pid else None,
+                        logged,
+                    )
+                )
                 stats = router.stats_port
                 wanted = 1 if name == "agent" else 0
                 wait(lambda s=stats, w=wanted: servers_up(s, "be_spoa") == w, 30, f"{name} agent")
@@ -386,6 +441,13 @@ def main() -> int:
                         else ""
                     )
                 )
+                if result.agent is not None:
+                    a = result.agent
+                    print(
+                        f"           agent: {a.decisions / max(a.reads, 1):.1f} NOTIFYs per "
+                        f"read, {a.decisions / max(a.writes, 1):.1f} per write, "
+                        f"{a.open} connections open, {a.accepted} opened in the round"
+                    )
         print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         rates: dict[str, float] = {}
         for config in configs:
