@@ -334,6 +334,12 @@ def main() -> int:
         help="the fallback configuration loads DIR/matrix_fallback.lua instead of lua/ "
         "(to compare variants of the fallback)",
     )
+    parser.add_argument(
+        "--conf",
+        metavar="DIR",
+        help="the agent and fallback configurations load DIR/haproxy.cfg and "
+        "DIR/spoe-router.conf instead of haproxy/ (to compare HAProxy settings)",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("haproxy_e2e: needs wrk (apt-get install wrk)", file=sys.stderr)
@@ -377,6 +383,8 @@ def main() -> int:
                 agent_http=f"127.0.0.1:{free_port()}",
             )
             router.main_address = f"127.0.0.1:{workers['main'][0][1]}"
+            if args.conf:
+                router.haproxy_dir = Path(args.conf).resolve()
             if name == "fallback" and args.lua:
                 router.lua_dir = Path(args.lua)
             loop.call(router.start_dns())
