@@ -257,15 +257,15 @@ def measure(config: Config, script: Path, seconds: float, connections: int) -> R
     haproxy_before = cpu_seconds(config.haproxy_pid)
     agent_before = cpu_seconds(config.agent_pid) if config.agent_pid else 0.0
     log_before = config.log.stat().st_size if config.log else 0
-    traffic = None
-    if config.agent_pid and config.agent_http:
-        traffic = AgentTraffic.now(config.agent_pid, config.agent_http)
+    agent = (
+        (config.agent_pid, config.agent_http) if config.agent_pid and config.agent_http else None
+    )
+    traffic = AgentTraffic.now(*agent) if agent else None
     text, _ = run_wrk(config.port, script, seconds, connections)
     haproxy_cpu = cpu_seconds(config.haproxy_pid) - haproxy_before
     agent_cpu = (cpu_seconds(config.agent_pid) - agent_before) if config.agent_pid else 0.0
-    if traffic is not None:
-        assert config.agent_pid and config.agent_http
-        traffic = AgentTraffic.now(config.agent_pid, config.agent_http).since(traffic)
+    if agent and traffic:
+        traffic = AgentTraffic.now(*agent).since(traffic)
     via_fallback = 0
     if config.log:
         time.sleep(0.5)  # HAProxy writes a request's line after its response

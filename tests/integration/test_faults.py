@@ -124,5 +124,6 @@ def test_with_the_agent_dead_and_marked_down_no_request_waits_for_it(tmp_path: P
         assert after > 4000
         assert len(logged) >= after * 0.9
         assert asked == []
+        assert slow == 0
         assert all(f["via"] == "fallback" for f in logged)
         assert all(200 <= s.status < 300 for s in samples)
