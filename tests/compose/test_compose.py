@@ -130,6 +130,20 @@ class Project:
                 count += fields[17].startswith("UP")
         return count
 
+    def remove_leftovers(self) -> None:
+        """What "down" leaves: podman-compose removes only the replicas the file
+        declares, so a scaled-up one stays, and with it the pod and the network."""
+        label = f"label=com.docker.compose.project={self.name}"
+        listing = ["podman", "ps", "-aq", "--filter", label]
+        left = subprocess.run(listing, capture_output=True, text=True, timeout=30, check=False)
+        commands = [["podman", "rm", "-f", *left.stdout.split()]] if left.stdout.split() else []
+        commands += [
+            ["podman", "pod", "rm", "-f", "--ignore", f"pod_{self.name}"],
+            ["podman", "network", "rm", "-f", f"{self.name}_default"],
+        ]
+        for command in commands:
+            subprocess.run(command, capture_output=True, timeout=120, check=False)
+
     def haproxy_log(self) -> str:
         (container,) = self.containers("haproxy")
         out = subprocess.run(
@@ -171,6 +185,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
         try:
             project.compose("down", timeout=300)
         finally:
+            project.remove_leftovers()
             print(
                 f"\ncompose: up in {up:.0f} s, {time.monotonic() - started:.0f} s from up to down"
             )
