@@ -20,6 +20,7 @@ line per configuration:
 Usage:
     python bench/haproxy_e2e.py [--seconds 10] [--rounds 3] [--haproxy PATH]
                                 [--connections 50] [--policy FILE]
+                                [--lua DIR] [--conf DIR] [--also DIR ...]
 """
 
 from __future__ import annotations
@@ -340,6 +341,14 @@ def main() -> int:
         help="the agent and fallback configurations load DIR/haproxy.cfg and "
         "DIR/spoe-router.conf instead of haproxy/ (to compare HAProxy settings)",
     )
+    parser.add_argument(
+        "--also",
+        metavar="DIR",
+        action="append",
+        default=[],
+        help="one more fallback configuration, from DIR/haproxy.cfg, measured in the same "
+        "rounds as fallback-<name of DIR> (repeatable: variants side by side)",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("haproxy_e2e: needs wrk (apt-get install wrk)", file=sys.stderr)
@@ -373,7 +382,8 @@ def main() -> int:
             )
         )
         configs: list[Config] = []
-        for name in ("native", "agent", "fallback"):
+        variants = {f"fallback-{Path(d).name}": Path(d).resolve() for d in args.also}
+        for name in ("native", "agent", "fallback", *variants):
             router = Router(
                 workdir=workdir / name,
                 policy=policy,
@@ -385,6 +395,8 @@ def main() -> int:
             router.main_address = f"127.0.0.1:{workers['main'][0][1]}"
             if args.conf:
                 router.haproxy_dir = Path(args.conf).resolve()
+            if name in variants:
+                router.haproxy_dir = variants[name]
             if name == "fallback" and args.lua:
                 router.lua_dir = Path(args.lua)
             loop.call(router.start_dns())
@@ -471,7 +483,7 @@ def main() -> int:
                 f"HAProxy {haproxy_us:.1f} us, agent {agent_us:.1f} us  errors "
                 f"{sum(r.errors for r in results)}"
             )
-        for name in ("agent", "fallback"):
+        for name in ("agent", "fallback", *variants):
             print(f"ratio {name}/native {rates[name] / rates['native']:.3f}")
         return 0
     finally:

@@ -66,8 +66,10 @@ class StackRunner(Generic[S]):
 
 
 @contextmanager
-def running_stack(workdir: Path, policy: Path, **options: Any) -> Iterator[StackRunner[DemoStack]]:
-    stack = DemoStack(
+def running_stack(
+    workdir: Path, policy: Path, factory: type[DemoStack] = DemoStack, **options: Any
+) -> Iterator[StackRunner[DemoStack]]:
+    stack = factory(
         workdir=workdir,
         policy=policy,
         port=free_port(),

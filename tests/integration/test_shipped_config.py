@@ -172,6 +172,34 @@ def test_every_class_of_simple_reaches_its_backend(tmp_path: Path) -> None:
             assert fields["via"] == "fallback"
 
 
+class TablelessStack(DemoStack):
+    """HAProxy's fallback reads a table nobody writes: the agent's goes elsewhere."""
+
+    def haproxy_env(self) -> dict[str, str]:
+        env = super().haproxy_env()
+        env["SPOA_FALLBACK_TABLE"] = str(self.workdir / "never-written.table")
+        return env
+
+
+def test_without_a_fallback_table_the_main_process_answers_once_the_agent_is_down(
+    tmp_path: Path,
+) -> None:
+    with running_stack(tmp_path, SIMPLE, factory=TablelessStack) as runner:
+        request = SIMPLE_SAMPLES["sync"]
+        outcome, fields = sent(runner, request)
+        assert (outcome.worker_class, fields["via"]) == ("sync", "agent")
+        runner.kill_agent()
+        runner.wait_agent("DOWN")
+        outcome, fields = sent(runner, request)
+        assert (outcome.status, outcome.worker) == (200, "main-1"), outcome
+        assert fields["backend_server"] == "be_main/main", fields
+        assert (fields["via"], fields["class"], fields["rule"]) == (
+            "fallback",
+            "-",
+            "fallback_no_table",
+        )
+
+
 def test_replication_paths_are_refused_from_outside(synapse_stack: StackRunner[DemoStack]) -> None:
     outcome = synapse_stack.send(req("POST", "/_synapse/replication/send_event/x"))
     assert outcome.status == 404
