@@ -346,8 +346,9 @@ def main() -> int:
         metavar="DIR",
         action="append",
         default=[],
-        help="one more fallback configuration, from DIR/haproxy.cfg, measured in the same "
-        "rounds as fallback-<name of DIR> (repeatable: variants side by side)",
+        help="one more fallback configuration, from DIR/haproxy.cfg (and DIR/matrix_fallback.lua "
+        "if there is one), measured in the same rounds as fallback-<name of DIR> (repeatable: "
+        "variants side by side)",
     )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -397,6 +398,8 @@ def main() -> int:
                 router.haproxy_dir = Path(args.conf).resolve()
             if name in variants:
                 router.haproxy_dir = variants[name]
+                if (variants[name] / "matrix_fallback.lua").exists():
+                    router.lua_dir = variants[name]
             if name == "fallback" and args.lua:
                 router.lua_dir = Path(args.lua)
             loop.call(router.start_dns())

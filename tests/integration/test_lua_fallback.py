@@ -820,6 +820,33 @@ def test_every_key_kind_falls_back_like_the_agent(proxy: Proxy) -> None:
             assert decision.key_source == SOURCES[3]
 
 
+def test_more_users_rooms_and_headers_than_the_memos_hold_keep_their_keys(proxy: Proxy) -> None:
+    """The memos (8,192 entries each) empty when full; the answers stay the agent's."""
+    policy = load_policy(str(ROOT / "policies" / "synapse-workers.yaml"))
+    cases = []
+    for n in range(9_000):
+        token = f"syt_{_b64(f'user{n}'.encode())}_AbCdEfGhIjKlMnOpQrSt_0a1B2c"
+        cases.append(
+            Case("GET", b"/_matrix/client/v3/sync?since=%d" % n, f"Bearer {token}".encode())
+        )
+        if n % 4 == 0:
+            room = b"/_matrix/client/v3/rooms/%%21r%d%%3Ax/send/m.room.message/t%d" % (n, n)
+            cases.append(Case("PUT", room, f"Bearer {token}".encode()))
+    # The first ones again, once every memo has been emptied at least once.
+    cases += cases[:500]
+    wrong = []
+    for case in cases:
+        answer = proxy.send("synapse-workers", case)
+        decision = policy.decide(case.request())
+        if (answer.backend, answer.key, answer.rule) != (
+            decision.worker_class,
+            decision.key,
+            decision.rule,
+        ):
+            wrong.append((case, answer, decision))
+    assert not wrong, f"{len(wrong)} of {len(cases)} differ, first: {wrong[0]}"
+
+
 # -- hashing ----------------------------------------------------------------------------------
 
 
