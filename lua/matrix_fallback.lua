@@ -104,53 +104,13 @@ local function has_value(query, name)
     return value ~= nil and value ~= ""
 end
 
--- -- memos ----------------------------------------------------------------------
-
--- Bounded memos, as the agent's: at most MEMO_ENTRIES entries of texts up to
--- MEMO_MAX_TEXT bytes each, emptied when full. Memory stays bounded whatever
--- the traffic; the usual traffic (each user's sync loop, a room's sends) is
--- answered from them.
-local MEMO_ENTRIES = 8192
-local MEMO_MAX_TEXT = 256
-
-local function new_memo()
-    return { entries = {}, size = 0 }
-end
-
-local function remember(memo, key, value)
-    if #key <= MEMO_MAX_TEXT then
-        if memo.size >= MEMO_ENTRIES then
-            memo.entries, memo.size = {}, 0
-        end
-        memo.entries[key] = value
-        memo.size = memo.size + 1
-    end
-    return value
-end
-
 -- -- tokens and users (spoa/matrix/tokens.py) ---------------------------------
-
--- The token of "Authorization: Bearer <token>", or false.
-local function bearer_token(auth)
-    if auth:sub(1, 7):lower() == "bearer " then
-        local token = auth:sub(8):gsub("^[ \t]+", ""):gsub("[ \t]+$", "")
-        if token ~= "" then
-            return token
-        end
-    end
-    return false
-end
-
-local bearers = new_memo() -- bearer_token by header
 
 -- The Bearer token first, the access_token query parameter second.
 local function access_token(auth, query)
-    if auth then
-        local token = bearers.entries[auth]
-        if token == nil then
-            token = remember(bearers, auth, bearer_token(auth))
-        end
-        if token then
+    if auth and auth:sub(1, 7):lower() == "bearer " then
+        local token = auth:sub(8):gsub("^[ \t]+", ""):gsub("[ \t]+$", "")
+        if token ~= "" then
             return token
         end
     end
@@ -469,6 +429,28 @@ local function src_key(src)
     return mapped or src
 end
 
+-- Bounded memos, as the agent's: at most MEMO_ENTRIES entries of texts up to
+-- MEMO_MAX_TEXT bytes each, emptied when full. Memory stays bounded whatever
+-- the traffic; the usual traffic (each user's sync loop, a room's sends) is
+-- answered from them.
+local MEMO_ENTRIES = 8192
+local MEMO_MAX_TEXT = 256
+
+local function new_memo()
+    return { entries = {}, size = 0 }
+end
+
+local function remember(memo, key, value)
+    if #key <= MEMO_MAX_TEXT then
+        if memo.size >= MEMO_ENTRIES then
+            memo.entries, memo.size = {}, 0
+        end
+        memo.entries[key] = value
+        memo.size = memo.size + 1
+    end
+    return value
+end
+
 -- Users by token: a syt_ token's localpart, or the token itself.
 local users = new_memo()
 
@@ -621,7 +603,7 @@ local function parse_table(text)
     if lines[#lines] ~= "end" then
         return nil, "incomplete: no final \"end\" line"
     end
-    local routing = { rules = {}, patterns = {}, chains = new_memo(), answers = new_memo() }
+    local routing = { rules = {}, patterns = {}, chains = new_memo(), keys = new_memo() }
     local rule
     for number = 2, #lines - 1 do
         local record, rest = lines[number]:match("^(%l+) (.+)$")
@@ -825,26 +807,11 @@ local function route(input, table_path)
     if source == nil then
         return answer
     end
-    -- The whole answer, remembered by rule and key source: the usual request
-    -- (a user's next sync, a room's next send) costs two lookups.
-    local answers = routing.answers
-    local by_source = answers.entries[rule]
-    local full = by_source and by_source[source]
-    if full == nil then
-        full = answer .. " " .. string.format("%08x", murmur3_32(source, routing.seed))
-        if #source <= MEMO_MAX_TEXT then
-            if answers.size >= MEMO_ENTRIES then
-                answers.entries, answers.size, by_source = {}, 0, nil
-            end
-            if by_source == nil then
-                by_source = {}
-                answers.entries[rule] = by_source
-            end
-            by_source[source] = full
-            answers.size = answers.size + 1
-        end
+    local key = routing.keys.entries[source]
+    if key == nil then
+        key = remember(routing.keys, source, string.format("%08x", murmur3_32(source, routing.seed)))
     end
-    return full
+    return answer .. " " .. key
 end
 
 -- Internal errors are bugs, not configuration: log the first few only, and
