@@ -22,9 +22,8 @@ from .httpd import HttpServer
 from .metrics import AgentCollector, build_registry
 from .policy import CompiledPolicy, Decision, PolicyError, Request, WhoamiSpec, load_policy
 from .policy.reload import PolicyHolder, ReloadResult
-from .routing import RouteHandler
+from .routing import RouteHandler, static_actions
 from .server import Handler, Limits, SpopServer, parse_listen, static_handler
-from .spop import Scope, SetVar
 from .stats import DecisionStats
 from .status import StatusApp
 from .synapsecfg import Level, SynapseConfigError, check_synapse, load_synapse
@@ -297,13 +296,7 @@ async def _serve(args: argparse.Namespace) -> int:
             publish(holder.current, args.fallback_table)
         handler = RouteHandler(holder, decisions, whoami=whoami)
     else:
-        handler = static_handler(
-            (
-                SetVar(Scope.TXN, "backend", args.static_class),
-                SetVar(Scope.TXN, "rule", "static"),
-                SetVar(Scope.TXN, "policy", "static"),
-            )
-        )
+        handler = static_handler(static_actions(args.static_class))
     server = SpopServer(handler, limits)
     registry = build_registry(AgentCollector(server.stats, decisions, holder, whoami))
     status = StatusApp(server, decisions, holder, registry, whoami)

@@ -22,17 +22,48 @@ from typing import Any, Final
 from .matrix import access_token
 from .policy import DEFAULT_RULE, ERROR_RULE, CompiledPolicy, Decision, Request
 from .policy.reload import PolicyHolder
-from .spop import Notify, Scope, SetVar, encode_action, encode_actions
+from .spop import Message, Notify, Scope, SetVar, encode_action, encode_actions
 from .stats import LATENCY_BOUNDS_NS, LATENCY_SAMPLE, DecisionStats
 from .whoami import WhoamiResolver, WhoamiStats
 
 log = logging.getLogger("spoa.routing")
 
 MESSAGE: Final = "route"
+ARG_METHOD: Final = "method"
+ARG_PATH: Final = "path"
+ARG_QUERY: Final = "query"
+ARG_AUTH: Final = "auth"
+ARG_SRC: Final = "src"
 VAR_BACKEND: Final = "backend"
 VAR_KEY: Final = "key"
 VAR_RULE: Final = "rule"
 VAR_POLICY: Final = "policy"
+#: What ``spoa serve --static-class`` gives as rule and policy.
+STATIC: Final = "static"
+
+
+def route_message(
+    method: str,
+    path: str,
+    query: str | None = None,
+    auth: str | None = None,
+    src: IPv4Address | IPv6Address | None = None,
+) -> Message:
+    """The ``route`` message as HAProxy sends it (``spoe-router.conf``)."""
+    return Message(
+        MESSAGE,
+        {ARG_METHOD: method, ARG_PATH: path, ARG_QUERY: query, ARG_AUTH: auth, ARG_SRC: src},
+    )
+
+
+def static_actions(worker_class: str) -> tuple[SetVar, ...]:
+    """The answer to every request of an agent that sends all to one class."""
+    return (
+        SetVar(Scope.TXN, VAR_BACKEND, worker_class),
+        SetVar(Scope.TXN, VAR_RULE, STATIC),
+        SetVar(Scope.TXN, VAR_POLICY, STATIC),
+    )
+
 
 #: set-var(txn.key) up to its value: the value is always 8 hex digits.
 _KEY_HEAD: Final = encode_action(SetVar(Scope.TXN, VAR_KEY, "00000000"))[:-8]
@@ -138,11 +169,11 @@ class RouteHandler:
         self._tick = tick = (self._tick + 1) % LATENCY_SAMPLE
         started = perf_counter_ns() if self._count and not tick else 0
         args = message.args
-        method = args.get("method")
-        path = args.get("path")
-        query = args.get("query")
-        auth = args.get("auth")
-        src = args.get("src")
+        method = args.get(ARG_METHOD)
+        path = args.get(ARG_PATH)
+        query = args.get(ARG_QUERY)
+        auth = args.get(ARG_AUTH)
+        src = args.get(ARG_SRC)
         request = Request(
             method if isinstance(method, str) else "",
             path if isinstance(path, str) else "",

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from ipaddress import ip_address
 
 from .matrix import syt_localpart
+from .routing import route_message
 from .spop import Message
 
 
@@ -43,16 +44,7 @@ class TrafficRequest:
 
     def route_message(self) -> Message:
         """The SPOE ``route`` message HAProxy sends for this request."""
-        return Message(
-            "route",
-            {
-                "method": self.method,
-                "path": self.path,
-                "query": self.query,
-                "auth": self.auth,
-                "src": ip_address(self.src),
-            },
-        )
+        return route_message(self.method, self.path, self.query, self.auth, ip_address(self.src))
 
     def as_json(self) -> dict[str, object]:
         """The shape ``spoa explain --jsonl`` reads."""

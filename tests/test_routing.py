@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
 from ipaddress import IPv4Address
 from pathlib import Path
 
 import mmh3
 import pytest
 
+from spoa import routing
 from spoa.policy.reload import PolicyHolder
 from spoa.routing import RouteHandler
 from spoa.spop import Message, Notify, Scope, SetVar, Value, decode_actions
@@ -148,3 +150,38 @@ def test_debug_logging_of_decisions_is_off_by_default_and_never_logs_the_key_sou
     message = record.getMessage()
     assert "synchrotron" in message and "rule=sync" in message and "key_kind=user" in message
     assert TOKEN not in message and "secret" not in message and "alice" not in message
+
+
+def test_the_shipped_spoe_configuration_sends_and_registers_the_contract_s_names() -> None:
+    text = (ROOT / "haproxy" / "spoe-router.conf").read_text()
+    (message,) = re.findall(r"^spoe-message (\S+)", text, re.M)
+    (args,) = re.findall(r"^\s+args (.+)$", text, re.M)
+    (registered,) = re.findall(r"^\s+register-var-names (.+)$", text, re.M)
+    assert message == routing.MESSAGE
+    sent = [arg.split("=", 1)[0] for arg in args.split()]
+    assert sent == [*routing.route_message("GET", "/").args]
+    assert set(registered.split()) == {
+        routing.VAR_BACKEND,
+        routing.VAR_KEY,
+        routing.VAR_RULE,
+        routing.VAR_POLICY,
+    }
+
+
+def test_a_built_route_message_is_decided_like_haproxy_s() -> None:
+    holder = PolicyHolder(str(ROOT / "policies" / "synapse-workers.yaml"))
+    message = routing.route_message(
+        "GET", "/_matrix/client/v3/sync", "since=s1", f"Bearer {TOKEN}", IPv4Address("10.0.0.1")
+    )
+    payload = at_once(RouteHandler(holder), Notify(1, 1, [message]))
+    names = {a.name: a.value for a in decode_actions(payload, 0, len(payload))}  # type: ignore[union-attr]
+    assert names[routing.VAR_BACKEND] == "synchrotron"
+    assert names[routing.VAR_KEY] == f"{mmh3.hash('alice', 0, signed=False):08x}"
+
+
+def test_static_actions_send_everything_to_one_class() -> None:
+    assert [(a.name, a.value) for a in routing.static_actions("main")] == [
+        ("backend", "main"),
+        ("rule", "static"),
+        ("policy", "static"),
+    ]
