@@ -124,10 +124,6 @@ class HttpServer:
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
-    @property
-    def serving(self) -> bool:
-        return self._server is not None and self._server.is_serving()
-
     async def stop(self) -> None:
         """Stop listening and drop open connections (as a killed process would)."""
         if self._server is not None:

@@ -43,7 +43,7 @@ from .spop import (
     HaproxyHello,
     LocalProtocolError,
     Notify,
-    ProtocolError,
+    ProtocolViolation,
     Scope,
     Status,
     UnsetVar,
@@ -451,7 +451,7 @@ class _SpopProtocol(asyncio.Protocol):
             out.append(conn.disconnect(Status.NORMAL, ""))
             stats.disconnect_frames_sent += 1
             self._flush_and_close(out)
-        elif isinstance(event, ProtocolError):
+        elif isinstance(event, ProtocolViolation):
             errors = stats.protocol_errors
             errors[event.status] = errors.get(event.status, 0) + 1
             self._server.rate_limited_log(

@@ -265,7 +265,6 @@ class CompiledPolicy:
         if spec.whoami is not None:
             for rule in (*self.rules, self.default):
                 rule.resolves = rule.key is KeyKind.USER
-        self.rule_names = (*(r.name for r in self.rules), DEFAULT_RULE)
         self._by_group = {f"r{rule.index}": rule for rule in self.rules}
         rules = list(self.rules)
         self._matcher = _combine(rules)

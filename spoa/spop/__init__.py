@@ -39,7 +39,7 @@ from .connection import (
     HaproxyHello,
     LocalProtocolError,
     Notify,
-    ProtocolError,
+    ProtocolViolation,
 )
 from .spec import (
     DEFAULT_FRAME_SIZE,
@@ -76,7 +76,7 @@ __all__ = [
     "LocalProtocolError",
     "Message",
     "Notify",
-    "ProtocolError",
+    "ProtocolViolation",
     "Scope",
     "SetVar",
     "Status",

@@ -17,7 +17,7 @@ States::
     any state --malformed input--> ERROR --disconnect(status)--> CLOSED
 
 A malformed frame never raises out of :meth:`next_events`: it becomes a
-:class:`ProtocolError` event carrying the SPOE.txt status code to close with,
+:class:`ProtocolViolation` event carrying the SPOE.txt status code to close with,
 and the connection stops decoding. Misuse by the caller (acking a frame that
 is not in flight, sending in the wrong state) raises
 :class:`LocalProtocolError`: that is a bug in the caller, not in the peer.
@@ -122,14 +122,14 @@ class HaproxyDisconnect:
 
 
 @dataclass(frozen=True, slots=True)
-class ProtocolError:
+class ProtocolViolation:
     """The peer broke the protocol: close with ``disconnect(status, message)``."""
 
     status: Status
     message: str
 
 
-Event: TypeAlias = HaproxyHello | Notify | HaproxyDisconnect | ProtocolError
+Event: TypeAlias = HaproxyHello | Notify | HaproxyDisconnect | ProtocolViolation
 
 _LENGTH: Final = struct.Struct(">I")
 _TYPE_FLAGS: Final = struct.Struct(">BI")
@@ -179,7 +179,7 @@ class Connection:
         self._pos = 0
         self._pending: set[tuple[int, int]] = set()
         #: Why decoding stopped, once the state is ERROR.
-        self.error: ProtocolError | None = None
+        self.error: ProtocolViolation | None = None
 
     # -- inbound -----------------------------------------------------------
 
@@ -256,7 +256,7 @@ class Connection:
                         break
         except DecodeError as exc:
             self._fail(exc.status, str(exc))
-            events.append(ProtocolError(exc.status, str(exc)))
+            events.append(ProtocolViolation(exc.status, str(exc)))
             return events
         self._pos = pos
         if pos >= size:
@@ -351,7 +351,7 @@ class Connection:
 
     def _fail(self, status: Status, message: str) -> None:
         self.state = ConnectionState.ERROR
-        self.error = ProtocolError(status, message)
+        self.error = ProtocolViolation(status, message)
         self._buf = b""
         self._pos = 0
 

@@ -30,7 +30,7 @@ import pytest
 from spoa.demo.ports import free_port
 from spoa.demo.stack import haproxy_binary
 from spoa.fallback import fallback_table, write_table
-from spoa.policy import CompiledPolicy, Decision, Request, load_policy
+from spoa.policy import DEFAULT_RULE, CompiledPolicy, Decision, Request, load_policy
 from spoa.traffic import Deployment, generate
 from tests.integration.harness import HAProxy, wait_until
 from tests.policy_edits import ADDED, MOVED, edited_synapse_policy
@@ -785,7 +785,8 @@ def assert_parity(
         f"({decision.key_kind})"
         for case, answer, decision in mismatches[:20]
     )
-    rare = {rule: counts[rule] for rule in policy.rule_names if counts[rule] < MIN_PER_RULE}
+    names = (*(r.name for r in policy.rules), DEFAULT_RULE)
+    rare = {rule: counts[rule] for rule in names if counts[rule] < MIN_PER_RULE}
     assert not rare, f"rules compared fewer than {MIN_PER_RULE} times: {rare}"
     return counts
 

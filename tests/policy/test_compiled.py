@@ -11,7 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spoa.policy import CompiledPolicy, Decision, Request, compile_policy, policy_version
+from spoa.policy import (
+    DEFAULT_RULE,
+    CompiledPolicy,
+    Decision,
+    Request,
+    compile_policy,
+    policy_version,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -191,7 +198,7 @@ def test_decide_never_raises_and_always_names_a_declared_class(
         for p in (path, "/_matrix/client/v3/rooms/" + path, "/_matrix/federation/v1/send/" + path):
             decision = policy.decide(Request(method, p, query, auth, src))  # type: ignore[arg-type]
             assert decision.worker_class in policy.classes
-            assert decision.rule in policy.rule_names
+            assert decision.rule in (*(r.name for r in policy.rules), DEFAULT_RULE)
             assert decision.key is None or re.fullmatch(r"[0-9a-f]{8}", decision.key)
 
 

@@ -18,7 +18,7 @@ from spoa.spop import (
     LocalProtocolError,
     Message,
     Notify,
-    ProtocolError,
+    ProtocolViolation,
     Scope,
     SetVar,
     Status,
@@ -53,11 +53,11 @@ def handshaken(max_frame_size: int = 16380, hello: bytes | None = None) -> Conne
     return conn
 
 
-def only_error(conn: Connection) -> ProtocolError:
+def only_error(conn: Connection) -> ProtocolViolation:
     events = conn.next_events()
     assert len(events) == 1, events
     (event,) = events
-    assert isinstance(event, ProtocolError)
+    assert isinstance(event, ProtocolViolation)
     assert conn.state is ConnectionState.ERROR
     return event
 
@@ -264,7 +264,7 @@ def test_notify_reusing_ids_in_flight_is_invalid() -> None:
     conn.receive_data(notify(7, 1, [ROUTE]) * 2)
     events = conn.next_events()
     assert isinstance(events[0], Notify)
-    assert isinstance(events[1], ProtocolError) and events[1].status == Status.INVALID
+    assert isinstance(events[1], ProtocolViolation) and events[1].status == Status.INVALID
 
 
 def test_the_same_ids_may_come_back_once_acked() -> None:
@@ -369,7 +369,7 @@ def test_garbage_payload_is_invalid_and_notifies_before_it_survive() -> None:
     conn.receive_data(notify(1, 1, [ROUTE]) + encode_frame(FrameType.NOTIFY, 2, 1, b"\x05ro"))
     first, second = conn.next_events()
     assert isinstance(first, Notify)
-    assert isinstance(second, ProtocolError) and second.status == Status.INVALID
+    assert isinstance(second, ProtocolViolation) and second.status == Status.INVALID
     assert conn.error == second
 
 
@@ -507,9 +507,9 @@ def test_any_bytes_in_any_split_give_events_need_more_or_a_protocol_error(
 ) -> None:
     prefix = haproxy_hello() if after_hello else b""
     events = feed_in_pieces(prefix + data, cuts)
-    allowed = (HaproxyHello, Notify, HaproxyDisconnect, ProtocolError)
+    allowed = (HaproxyHello, Notify, HaproxyDisconnect, ProtocolViolation)
     assert all(isinstance(e, allowed) for e in events)
-    errors = [e for e in events if isinstance(e, ProtocolError)]
+    errors = [e for e in events if isinstance(e, ProtocolViolation)]
     assert len(errors) <= 1
     if errors:
         assert events[-1] is errors[0]
@@ -539,6 +539,6 @@ def test_any_well_framed_garbage_gives_only_events_or_one_error(
         encode_frame(t, sid, fid, payload, flags=flags) for t, flags, sid, fid, payload in frames
     )
     events = feed_in_pieces(data, cuts)
-    errors = [e for e in events if isinstance(e, ProtocolError)]
+    errors = [e for e in events if isinstance(e, ProtocolViolation)]
     assert len(errors) <= 1
     assert all(isinstance(e.status, Status) for e in errors)
