@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import fields
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Any, TextIO
@@ -32,7 +33,35 @@ from .whoami import WhoamiResolver, WhoamiStats
 
 log = logging.getLogger("spoa")
 
-_LIMITS = Limits()
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_limits(serve: argparse.ArgumentParser) -> None:
+    """A flag for every field of :class:`Limits`, with its default and help."""
+    defaults = Limits()
+    for limit in fields(Limits):
+        default = getattr(defaults, limit.name)
+        seconds = isinstance(default, float)
+        serve.add_argument(
+            _flag(limit.name),
+            type=_positive_float if seconds else int,
+            default=default,
+            metavar="S" if seconds else "N",
+            help=limit.metadata["help"],
+        )
+
+
+def _limits(args: argparse.Namespace) -> Limits:
+    return Limits(**{limit.name: getattr(args, limit.name) for limit in fields(Limits)})
+
+
+def _limits_error(message: str) -> str:
+    """A :class:`Limits` error in the flags' names."""
+    for limit in fields(Limits):
+        message = message.replace(limit.name, _flag(limit.name))
+    return message
 
 
 def _positive_float(text: str) -> float:
@@ -92,25 +121,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="write the Lua fallback's routing table here for every policy loaded "
         "(haproxy.cfg reads it: SPOA_FALLBACK_TABLE)",
     )
-    serve.add_argument("--max-connections", type=int, default=_LIMITS.max_connections)
-    serve.add_argument("--max-frame-size", type=int, default=_LIMITS.max_frame_size)
-    serve.add_argument(
-        "--max-in-flight",
-        type=int,
-        default=_LIMITS.max_in_flight,
-        help="NOTIFY frames in flight per connection",
-    )
-    serve.add_argument(
-        "--peer-window",
-        type=int,
-        default=_LIMITS.peer_window,
-        help="NOTIFYs HAProxy keeps waiting per connection (20); in a backlog beyond it the "
-        "older ones are not answered (0: answer all)",
-    )
-    serve.add_argument("--hello-timeout", type=_positive_float, default=_LIMITS.hello_timeout)
-    serve.add_argument("--idle-timeout", type=_positive_float, default=_LIMITS.idle_timeout)
-    serve.add_argument("--handler-timeout", type=_positive_float, default=_LIMITS.handler_timeout)
-    serve.add_argument("--drain-timeout", type=_positive_float, default=_LIMITS.drain_timeout)
+    _add_limits(serve)
     serve.add_argument(
         "--loop",
         choices=("auto", "uvloop", "asyncio"),
@@ -267,16 +278,7 @@ def _table_writer(args: argparse.Namespace) -> Callable[[PolicyHolder, ReloadRes
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    limits = Limits(
-        max_connections=args.max_connections,
-        max_frame_size=args.max_frame_size,
-        max_in_flight=args.max_in_flight,
-        peer_window=args.peer_window,
-        hello_timeout=args.hello_timeout,
-        idle_timeout=args.idle_timeout,
-        handler_timeout=args.handler_timeout,
-        drain_timeout=args.drain_timeout,
-    )
+    limits = _limits(args)
     holder: PolicyHolder | None = None
     handler: Handler
     decisions = DecisionStats()
@@ -632,7 +634,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return _run(_serve(args), args.loop)
         except ValueError as exc:
-            parser.error(str(exc))
+            parser.error(_limits_error(str(exc)))
     if args.command == "check":
         return _check(args, sys.stdout, sys.stderr)
     if args.command == "fallback":

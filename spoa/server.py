@@ -29,7 +29,7 @@ import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final, TypeAlias, cast
+from typing import Any, Final, TypeAlias, cast
 
 from .spop import (
     DEFAULT_FRAME_SIZE,
@@ -61,34 +61,53 @@ Handler: TypeAlias = Callable[[Notify], HandlerResult | Awaitable[HandlerResult]
 NOOP_ACTIONS: Final = encode_actions((UnsetVar(Scope.TXN, "noop"),))
 
 
+def _limit(default: Any, help: str) -> Any:
+    """A field of :class:`Limits`: its default and its ``spoa serve`` help."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Every bound the server enforces, with its default."""
+    """Every bound the server enforces, with its default (``spoa serve`` has a flag for each)."""
 
-    #: Connections from HAProxy at once. A HELLO beyond it is refused with
-    #: AGENT-DISCONNECT status 13; health checks are always answered.
-    max_connections: int = 1024
-    #: Largest frame the agent announces (HAProxy uses the smaller of its own
-    #: and this). Range 256..16 MiB.
-    max_frame_size: int = DEFAULT_FRAME_SIZE
-    #: NOTIFY frames decoded and not yet answered, per connection; beyond it
-    #: the server stops reading that connection. HAProxy sends at most 20.
-    max_in_flight: int = 256
-    #: NOTIFY frames HAProxy keeps waiting on one connection at most (20: fixed
-    #: in 3.1+, ``max-waiting-frames`` in 2.6-3.0). More unanswered at once
-    #: means a backlog (the agent was stalled): all but the newest this many
-    #: are for requests HAProxy gave up on, and are not answered. 0: answer all.
-    peer_window: int = 20
-    #: Seconds from accept to HAPROXY-HELLO.
-    hello_timeout: float = 10.0
-    #: Seconds without a byte from HAProxy before closing (status 2). HAProxy
-    #: closes idle connections itself; keep this above its idle timeout.
-    idle_timeout: float = 300.0
-    #: Seconds an asynchronous handler may take before its NOTIFY is
-    #: answered with the no-op action (HAProxy gave up long before).
-    handler_timeout: float = 5.0
-    #: Seconds SIGTERM waits for in-flight frames before closing anyway.
-    drain_timeout: float = 10.0
+    max_connections: int = _limit(
+        1024,
+        "connections from HAProxy at once; a HELLO beyond it is refused with AGENT-DISCONNECT "
+        "status 13 (health checks are always answered)",
+    )
+    max_frame_size: int = _limit(
+        DEFAULT_FRAME_SIZE,
+        "largest frame the agent announces (256..16 MiB); HAProxy uses the smaller of its own "
+        "and this",
+    )
+    #: HAProxy sends at most 20 per connection.
+    max_in_flight: int = _limit(
+        256,
+        "NOTIFY frames decoded and not yet answered per connection; beyond it the agent stops "
+        "reading that connection",
+    )
+    #: 20: fixed in 3.1+, ``max-waiting-frames`` in 2.6-3.0. More unanswered at
+    #: once means a backlog (the agent was stalled): all but the newest this
+    #: many are for requests HAProxy gave up on.
+    peer_window: int = _limit(
+        20,
+        "NOTIFYs HAProxy keeps waiting per connection (20); in a backlog beyond it the older "
+        "ones are not answered (0: answer all)",
+    )
+    hello_timeout: float = _limit(10.0, "seconds from accept to HAPROXY-HELLO")
+    #: HAProxy closes idle connections itself.
+    idle_timeout: float = _limit(
+        300.0,
+        "seconds without a byte from HAProxy before closing (status 2); keep it above "
+        "HAProxy's own idle timeout",
+    )
+    #: HAProxy gave up on such a frame long before.
+    handler_timeout: float = _limit(
+        5.0,
+        "seconds an asynchronous handler may take before its NOTIFY is answered with the "
+        "no-op action",
+    )
+    drain_timeout: float = _limit(10.0, "seconds SIGTERM waits for in-flight frames")
 
     def __post_init__(self) -> None:
         if self.max_connections < 1:

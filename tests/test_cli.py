@@ -8,9 +8,12 @@ import os
 import subprocess
 import sys
 import threading
+from dataclasses import fields, replace
 from pathlib import Path
 
+from spoa import cli
 from spoa.policy import load_policy
+from spoa.server import Limits
 from tests.policy_edits import edited_synapse_policy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -334,3 +337,20 @@ def test_explain_asks_whoami_and_says_where_the_key_came_from(tmp_path: Path) ->
     assert (unknown["key_kind"], unknown["whoami"]) == ("token", "unknown_token")
     assert "key_via" not in unknown
     assert json.loads(offline.stdout)["key_kind"] == "token"
+
+
+def test_every_limit_of_the_server_is_a_serve_flag_with_its_default() -> None:
+    parser = cli._build_parser()
+    argv = ["serve", "--static-class", "main"]
+    assert cli._limits(parser.parse_args(argv)) == Limits()
+    given = parser.parse_args([*argv, "--max-in-flight", "7", "--drain-timeout", "2.5"])
+    assert cli._limits(given) == replace(Limits(), max_in_flight=7, drain_timeout=2.5)
+    helped = spoa("serve", "--help").stdout
+    for limit in fields(Limits):
+        assert "--" + limit.name.replace("_", "-") in helped
+
+
+def test_a_limit_out_of_range_is_refused_by_its_flag_s_name() -> None:
+    refused = spoa("serve", "--static-class", "main", "--max-frame-size", "10")
+    assert refused.returncode == 2
+    assert "--max-frame-size must be within 256..16777216" in refused.stderr
