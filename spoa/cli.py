@@ -11,12 +11,10 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import fields
 from ipaddress import ip_address
-from pathlib import Path
 from typing import Any, TextIO
 
 from . import DEFAULT_HTTP, __version__
-from .demo.run import run as demo_run
-from .demo.workers import WorkerSpec, start_workers
+from .demo import commands as demo_commands
 from .fallback import UntranslatableError, fallback_table, publish, write_table
 from .haproxycfg import check_haproxy, format_report
 from .httpd import HttpServer
@@ -28,7 +26,6 @@ from .server import Handler, Limits, SpopServer, parse_listen, static_handler
 from .stats import DecisionStats
 from .status import StatusApp
 from .synapsecfg import Level, SynapseConfigError, check_synapse, load_synapse
-from .traffic import Deployment, generate
 from .whoami import WhoamiResolver, WhoamiStats
 
 log = logging.getLogger("spoa")
@@ -71,13 +68,8 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="spoa", description="SPOE agent that routes Matrix Synapse requests for HAProxy."
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """spoa serve: run the agent."""
     serve = commands.add_parser("serve", help="run the agent")
     what = serve.add_mutually_exclusive_group(required=True)
     what.add_argument("--policy", metavar="FILE", help="routing policy (YAML), reloaded live")
@@ -130,6 +122,9 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
+
+def _add_check(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """spoa check: a policy, and the HAProxy and Synapse configurations around it."""
     check = commands.add_parser("check", help="check a policy file")
     check.add_argument("policy", metavar="POLICY")
     check.add_argument(
@@ -160,6 +155,9 @@ def _build_parser() -> argparse.ArgumentParser:
         help="a class served by something else than Synapse (for example mas); repeatable",
     )
 
+
+def _add_fallback(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """spoa fallback: the Lua fallback's table."""
     fallback = commands.add_parser(
         "fallback",
         help="write the Lua fallback's routing table for a policy",
@@ -171,45 +169,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "-o", "--output", metavar="FILE", help="write here, atomically (default: standard output)"
     )
 
-    demo = commands.add_parser(
-        "demo",
-        help="run HAProxy, the agent and demo workers on this machine",
-        description="Start HAProxy (the shipped haproxy/haproxy.cfg), the agent and demo "
-        "workers on loopback, send a burst of Matrix traffic, show where it went, and stay "
-        "up until Ctrl-C.",
-    )
-    demo.add_argument("--policy", default="policies/synapse-workers.yaml", metavar="FILE")
-    demo.add_argument("--port", type=int, default=8008, help="HAProxy's client port")
-    demo.add_argument("--stats-port", type=int, default=8404)
-    demo.add_argument("--agent-port", type=int, default=12345)
-    demo.add_argument(
-        "--agent-http", default=DEFAULT_HTTP, help="the agent's status page and metrics"
-    )
-    demo.add_argument("--burst", type=int, default=600, help="requests to send at start")
-    demo.add_argument("--workdir", default="run", help="logs and state (default ./run)")
-    demo.add_argument("--no-stay", action="store_true", help="exit after the burst")
 
-    traffic = commands.add_parser(
-        "traffic",
-        help="print a realistic Matrix request mix as JSON lines",
-        description="Print requests drawn from a model of a busy homeserver (syncs, sends, "
-        "federation, media, ...) as JSON lines, the input of 'spoa explain --jsonl'.",
-    )
-    traffic.add_argument("--count", type=int, default=1000)
-    traffic.add_argument("--users", type=int, default=500)
-    traffic.add_argument("--rooms", type=int, default=200)
-    traffic.add_argument("--remotes", type=int, default=50, help="remote homeservers")
-    traffic.add_argument("--seed", type=int, default=1)
-
-    worker = commands.add_parser(
-        "demo-worker",
-        help="serve demo workers (stand-ins for Synapse workers)",
-        description="Each NAME=HOST:PORT serves a demo worker: /health, "
-        "/_matrix/client/versions, and every other path answered with the worker's name. "
-        "The class is NAME up to its last '-'.",
-    )
-    worker.add_argument("workers", nargs="+", metavar="NAME=HOST:PORT")
-
+def _add_explain(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """spoa explain: how a policy routes requests."""
     explain = commands.add_parser(
         "explain",
         help="show how a policy routes a request",
@@ -240,6 +202,16 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with a policy's whoami setting, do not ask the homeserver who opaque tokens are",
     )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spoa", description="SPOE agent that routes Matrix Synapse requests for HAProxy."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_serve, _add_check, _add_fallback, _add_explain, demo_commands.add):
+        add(commands)
     return parser
 
 
@@ -420,52 +392,6 @@ def _fallback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
-def _demo_worker(args: argparse.Namespace) -> int:
-    try:
-        specs = [WorkerSpec.parse(text) for text in args.workers]
-    except ValueError as exc:
-        print(f"spoa demo-worker: {exc}", file=sys.stderr)
-        return 2
-
-    async def serve() -> int:
-        workers = await start_workers(specs)
-        for w in workers:
-            log.info("demo worker %s listening on %s:%d", w.spec.name, w.spec.host, w.port)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        for w in workers:
-            await w.stop()
-        return 0
-
-    try:
-        return asyncio.run(serve())
-    except OSError as exc:
-        log.error("cannot listen: %s", exc)
-        return 2
-
-
-def _demo(args: argparse.Namespace) -> int:
-    policy = Path(args.policy)
-    if not policy.exists():
-        print(f"spoa demo: no policy file {policy}", file=sys.stderr)
-        return 2
-    return asyncio.run(
-        demo_run(
-            policy.resolve(),
-            args.port,
-            args.stats_port,
-            args.agent_port,
-            args.agent_http,
-            args.burst,
-            Path(args.workdir).resolve(),
-            not args.no_stay,
-        )
-    )
-
-
 # -- explain -----------------------------------------------------------------------
 
 
@@ -641,16 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fallback(args, sys.stdout, sys.stderr)
     if args.command == "explain":
         return _explain(args, sys.stdout, sys.stderr)
-    if args.command == "demo":
-        return _demo(args)
-    if args.command == "traffic":
-        deployment = Deployment(
-            users=args.users, rooms=args.rooms, remotes=args.remotes, seed=args.seed
-        )
-        for request in generate(args.count, deployment):
-            print(json.dumps(request.as_json()))
-        return 0
-    if args.command == "demo-worker":
-        return _demo_worker(args)
+    if args.command in demo_commands.NAMES:
+        return demo_commands.run(args)
     parser.error(f"unknown command {args.command}")
     return 2

@@ -354,3 +354,16 @@ def test_a_limit_out_of_range_is_refused_by_its_flag_s_name() -> None:
     refused = spoa("serve", "--static-class", "main", "--max-frame-size", "10")
     assert refused.returncode == 2
     assert "--max-frame-size must be within 256..16777216" in refused.stderr
+
+
+def test_the_agent_s_commands_load_none_of_the_demo_s_modules() -> None:
+    probe = (
+        "import sys, spoa.cli; "
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith('spoa.'))))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert "spoa.demo.commands" in loaded
+    demo = {"spoa.traffic", *(m for m in loaded if m.startswith("spoa.demo."))}
+    assert demo & set(loaded) == {"spoa.demo.commands"}, loaded
