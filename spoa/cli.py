@@ -16,6 +16,7 @@ from typing import Any, TextIO
 from . import DEFAULT_HTTP, __version__
 from .demo import commands as demo_commands
 from .fallback import UntranslatableError, fallback_table, publish, write_table
+from .findings import Finding, Level
 from .haproxycfg import check_haproxy, format_report
 from .httpd import HttpServer
 from .metrics import AgentCollector, build_registry
@@ -25,7 +26,7 @@ from .routing import RouteHandler, static_actions
 from .server import Handler, Limits, SpopServer, parse_listen, static_handler
 from .stats import DecisionStats
 from .status import StatusApp
-from .synapsecfg import Level, SynapseConfigError, check_synapse, load_synapse
+from .synapsecfg import SynapseConfigError, check_synapse, load_synapse
 from .whoami import WhoamiResolver, WhoamiStats
 
 log = logging.getLogger("spoa")
@@ -334,6 +335,13 @@ def _load_reporting(path: str, err: TextIO, count: bool = False) -> CompiledPoli
         return None
 
 
+def _print_findings(findings: list[Finding], out: TextIO, err: TextIO) -> int:
+    """Errors to ``err``, the rest to ``out``; 1 when there is an error."""
+    for finding in findings:
+        print(finding, file=err if finding.level is Level.ERROR else out)
+    return 1 if any(f.level is Level.ERROR for f in findings) else 0
+
+
 def _check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     policy = _load_reporting(args.policy, err, count=True)
     if policy is None:
@@ -355,9 +363,9 @@ def _check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             print(f"{args.haproxy}: cannot read: {exc.strerror or exc}", file=err)
             return 1
         report = check_haproxy(config, policy, args.fallback_table)
-        for line in format_report(report, args.haproxy, args.policy):
-            print(line, file=out if line.startswith(("ok", "note")) else err)
-        status = max(status, 0 if report.ok else 1)
+        status = max(
+            status, _print_findings(format_report(report, args.haproxy, args.policy), out, err)
+        )
     if args.synapse:
         try:
             synapse = load_synapse(args.synapse[0], args.synapse[1:])
@@ -365,10 +373,7 @@ def _check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             print(f"error: {exc}", file=err)
             return 1
         findings = check_synapse(policy, args.policy, synapse, args.not_synapse)
-        for finding in findings:
-            print(finding, file=err if finding.level is Level.ERROR else out)
-        if any(f.level is Level.ERROR for f in findings):
-            status = 1
+        status = max(status, _print_findings(findings, out, err))
     return status
 
 

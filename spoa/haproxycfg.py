@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .fallback import UntranslatableError, fallback_table, table_version
+from .findings import Finding, Level
 from .policy import CompiledPolicy
 
 _BACKEND = re.compile(r"^\s*backend\s+(\S+)", re.MULTILINE)
@@ -48,14 +49,6 @@ class Report:
     table_path: str | None = None
     #: The policy version the file was made from, or why no table can be.
     detail: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return not self.missing_backends and self.fallback not in (
-            Fallback.STALE,
-            Fallback.BROKEN,
-            Fallback.UNTRANSLATABLE,
-        )
 
 
 def check_fallback(policy: CompiledPolicy, table_path: str | None, report: Report) -> None:
@@ -124,36 +117,59 @@ def check_haproxy(
     return report
 
 
-def format_report(report: Report, config_path: str, policy_path: str) -> list[str]:
-    lines = []
-    for name in report.missing_backends:
-        lines.append(
-            f"error: class {name!r} of {policy_path} has no backend be_{name} in {config_path}: "
-            "its requests would go to the default backend"
+def format_report(report: Report, config_path: str, policy_path: str) -> list[Finding]:
+    """The report as findings: a missing backend or a fallback that disagrees is an error."""
+    findings = [
+        Finding(
+            Level.ERROR,
+            f"class {name!r} of {policy_path} has no backend be_{name} in {config_path}: "
+            "its requests would go to the default backend",
         )
+        for name in report.missing_backends
+    ]
     if report.unused_backends:
-        lines.append(
-            f"note: backends in {config_path} that {policy_path} never routes to: "
-            + ", ".join(report.unused_backends)
+        findings.append(
+            Finding(
+                Level.NOTE,
+                f"backends in {config_path} that {policy_path} never routes to: "
+                + ", ".join(report.unused_backends),
+            )
         )
     table = report.table_path
     regenerate = f"spoa fallback {policy_path} -o {table}"
     messages = {
-        Fallback.NOT_CALLED: f"note: {config_path} never calls the lua.matrix_fallback converter",
-        Fallback.AGREES: f"ok: the Lua fallback's table {table} agrees with {policy_path}",
-        Fallback.STALE: f"error: the Lua fallback's table {table} is of policy version "
-        f"{report.detail}, not of {policy_path}: with the agent down, requests would be "
-        f"routed by the old rules; regenerate it ({regenerate}), or run the agent with "
-        f"--fallback-table {table}",
-        Fallback.BROKEN: f"error: {table} is not a whole fallback table"
-        + (f" ({report.detail})" if report.detail else "")
-        + f"; regenerate it: {regenerate}",
-        Fallback.ABSENT: f"note: no fallback table at {table} yet; the agent writes it "
-        f"(--fallback-table), or: {regenerate}"
-        if table
-        else "note: the lua.matrix_fallback converter names no table",
-        Fallback.UNTRANSLATABLE: "error: the Lua fallback cannot follow "
-        f"{policy_path}: {report.detail}",
+        Fallback.NOT_CALLED: (
+            Level.NOTE,
+            f"{config_path} never calls the lua.matrix_fallback converter",
+        ),
+        Fallback.AGREES: (
+            Level.OK,
+            f"the Lua fallback's table {table} agrees with {policy_path}",
+        ),
+        Fallback.STALE: (
+            Level.ERROR,
+            f"the Lua fallback's table {table} is of policy version "
+            f"{report.detail}, not of {policy_path}: with the agent down, requests would be "
+            f"routed by the old rules; regenerate it ({regenerate}), or run the agent with "
+            f"--fallback-table {table}",
+        ),
+        Fallback.BROKEN: (
+            Level.ERROR,
+            f"{table} is not a whole fallback table"
+            + (f" ({report.detail})" if report.detail else "")
+            + f"; regenerate it: {regenerate}",
+        ),
+        Fallback.ABSENT: (
+            Level.NOTE,
+            f"no fallback table at {table} yet; the agent writes it "
+            f"(--fallback-table), or: {regenerate}"
+            if table
+            else "the lua.matrix_fallback converter names no table",
+        ),
+        Fallback.UNTRANSLATABLE: (
+            Level.ERROR,
+            f"the Lua fallback cannot follow {policy_path}: {report.detail}",
+        ),
     }
-    lines.append(messages[report.fallback])
-    return lines
+    findings.append(Finding(*messages[report.fallback]))
+    return findings

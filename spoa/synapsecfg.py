@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from .findings import Finding, Level
 from .policy import CompiledPolicy, Request
 
 MAIN = "main"
@@ -204,21 +204,6 @@ def load_synapse(homeserver: str, worker_files: Iterable[str]) -> SynapseDeploym
 
 
 # -- checking --------------------------------------------------------------------------
-
-
-class Level(StrEnum):
-    OK = "ok"
-    NOTE = "note"
-    ERROR = "error"
-
-
-@dataclass(frozen=True)
-class Finding:
-    level: Level
-    text: str
-
-    def __str__(self) -> str:
-        return f"{self.level}: {self.text}"
 
 
 def _describe(request: Request) -> str:

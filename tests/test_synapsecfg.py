@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from spoa.cli import main
+from spoa.findings import Level
 from spoa.policy import load_policy
-from spoa.synapsecfg import Level, SynapseConfigError, check_synapse, load_synapse
+from spoa.synapsecfg import SynapseConfigError, check_synapse, load_synapse
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy" / "synapse"

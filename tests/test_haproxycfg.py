@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import pytest
+
+from spoa.findings import Level
+from spoa.haproxycfg import Fallback, Report, format_report
+
+
+@pytest.mark.parametrize(
+    ("fallback", "level"),
+    [
+        (Fallback.AGREES, Level.OK),
+        (Fallback.NOT_CALLED, Level.NOTE),
+        (Fallback.ABSENT, Level.NOTE),
+        (Fallback.STALE, Level.ERROR),
+        (Fallback.BROKEN, Level.ERROR),
+        (Fallback.UNTRANSLATABLE, Level.ERROR),
+    ],
+)
+def test_each_fallback_state_is_reported_at_its_level(fallback: Fallback, level: Level) -> None:
+    report = Report(fallback=fallback, table_path="/t.lua", detail="v1")
+    [finding] = format_report(report, "haproxy.cfg", "p.yaml")
+    assert finding.level is level
+    assert str(finding).startswith(f"{level}: ")
+
+
+def test_a_missing_backend_is_an_error_and_an_unused_one_a_note() -> None:
+    report = Report(missing_backends=["sync"], unused_backends=["be_old"])
+    findings = format_report(report, "haproxy.cfg", "p.yaml")
+    assert [f.level for f in findings] == [Level.ERROR, Level.NOTE, Level.NOTE]
+    assert "be_sync" in findings[0].text and "be_old" in findings[1].text
