@@ -27,9 +27,8 @@ from prometheus_client.registry import Collector
 from . import __version__
 from .policy import DEFAULT_RULE
 from .policy.reload import PolicyHolder
-from .server import ServerStats
 from .spop import Status
-from .stats import LATENCY_BOUNDS_NS, LATENCY_SAMPLE, DecisionStats
+from .stats import LATENCY_BOUNDS_NS, LATENCY_SAMPLE, DecisionStats, ServerStats
 from .whoami import RESULTS, SKIPS, WhoamiStats
 
 _STATUS_NAMES: Final = {int(s): s.name.lower() for s in Status}

@@ -49,6 +49,7 @@ from .spop import (
     UnsetVar,
     encode_actions,
 )
+from .stats import ServerStats
 
 log = logging.getLogger("spoa.server")
 
@@ -121,26 +122,6 @@ class Limits:
         for name in ("hello_timeout", "idle_timeout", "handler_timeout", "drain_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
-
-
-@dataclass(slots=True)
-class ServerStats:
-    """Plain counters, bumped once per read on the hot path, read by metrics."""
-
-    connections_accepted: int = 0
-    connections_refused: int = 0
-    connections_open: int = 0
-    healthchecks: int = 0
-    notify_frames: int = 0
-    ack_frames: int = 0
-    hello_frames: int = 0
-    agent_hello_frames: int = 0
-    disconnect_frames_received: int = 0
-    disconnect_frames_sent: int = 0
-    handler_errors: int = 0
-    #: NOTIFYs of a backlog left unanswered: HAProxy had given up on them.
-    stale_notifies: int = 0
-    protocol_errors: dict[int, int] = field(default_factory=dict)
 
 
 #: The most of a peer's text that reaches the log.

@@ -5,6 +5,27 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final
 
+
+@dataclass(slots=True)
+class ServerStats:
+    """Plain counters, bumped once per read on the hot path, read by metrics."""
+
+    connections_accepted: int = 0
+    connections_refused: int = 0
+    connections_open: int = 0
+    healthchecks: int = 0
+    notify_frames: int = 0
+    ack_frames: int = 0
+    hello_frames: int = 0
+    agent_hello_frames: int = 0
+    disconnect_frames_received: int = 0
+    disconnect_frames_sent: int = 0
+    handler_errors: int = 0
+    #: NOTIFYs of a backlog left unanswered: HAProxy had given up on them.
+    stale_notifies: int = 0
+    protocol_errors: dict[int, int] = field(default_factory=dict)
+
+
 #: Decision latency bucket bounds, in nanoseconds (exported in seconds):
 #: decisions take microseconds; the top buckets catch stalls.
 LATENCY_BOUNDS_NS: Final = (
