@@ -61,7 +61,7 @@ def compare(payloads: list[bytes], rounds: int, c_decode: Decoder | None) -> Non
     print(
         f"  {len(payloads):,} route messages, {statistics.mean(sizes):.0f} bytes on average, "
         f"{sources:,} distinct src addresses (codec's address cache: "
-        f"{codec._ADDRESS_CACHE_LIMIT:,})"
+        f"{codec._ADDRESSES.limit:,})"
     )
     best = {}
     for name, decode in implementations:

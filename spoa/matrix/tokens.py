@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import binascii
 
+from ..memo import Memo
 from .query import percent_decode, query_value
 
-_SYT_CACHE: dict[str, str | None] = {}
-_SYT_CACHE_LIMIT = 65536
+#: The localpart (or None) of each ``syt_`` token seen: clients send the same
+#: token with every request.
+_SYT_LOCALPARTS: Memo[str, str | None] = Memo(65536)
 
 
 def access_token(auth: str | None, query: str | None) -> str | None:
@@ -34,14 +36,10 @@ def syt_localpart(token: str) -> str | None:
     """The user localpart inside a ``syt_`` token, or None for any other token."""
     if not token.startswith("syt_"):
         return None
-    cached = _SYT_CACHE.get(token)
-    if cached is not None or token in _SYT_CACHE:
+    cached = _SYT_LOCALPARTS.get(token)
+    if cached is not None or token in _SYT_LOCALPARTS:
         return cached
-    localpart = _decode_syt(token)
-    if len(_SYT_CACHE) >= _SYT_CACHE_LIMIT:
-        _SYT_CACHE.clear()
-    _SYT_CACHE[token] = localpart
-    return localpart
+    return _SYT_LOCALPARTS.remember(token, _decode_syt(token))
 
 
 def _decode_syt(token: str) -> str | None:

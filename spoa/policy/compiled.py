@@ -26,15 +26,14 @@ import hashlib
 import re
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
-from typing import Final, NamedTuple, Protocol, TypeVar
+from typing import Final, NamedTuple, Protocol
 
 import mmh3
 
 from ..matrix import access_token, room_from_path, syt_localpart, xmatrix_origin
 from ..matrix.query import has_value
+from ..memo import Memo
 from .schema import KeyKind, PolicySpec, Resolve, RuleSpec
-
-_T = TypeVar("_T")
 
 DEFAULT_RULE: Final = "default"
 #: Memos (matching chains by path, decisions by key source) hold at most this
@@ -176,7 +175,13 @@ class CompiledRule:
     )
 
     def __init__(
-        self, index: int, spec: RuleSpec | None, worker_class: str, key: KeyKind, name: str
+        self,
+        index: int,
+        spec: RuleSpec | None,
+        worker_class: str,
+        key: KeyKind,
+        name: str,
+        memo_entries: int = MEMO_ENTRIES,
     ) -> None:
         self.index = index
         self.spec = spec
@@ -191,7 +196,7 @@ class CompiledRule:
         #: Whether the user behind an opaque token is asked of a Users (whoami).
         self.resolves = False
         #: Decisions already made by this rule, by key source (bounded memo).
-        self.decisions: dict[str, Decision] = {}
+        self.decisions: Memo[str, Decision] = Memo(memo_entries)
         #: The decision when the request gives no key (set by the policy).
         self.keyless: Decision | None = None
         self.labels: dict[str, tuple[str, str, str]] = {}
@@ -249,16 +254,15 @@ class CompiledPolicy:
 
     def __init__(self, spec: PolicySpec, version: str, memo_entries: int = MEMO_ENTRIES) -> None:
         self.spec = spec
-        self._memo_entries = memo_entries
         self.version = version
         self.seed = spec.seed
         self.classes = spec.classes
         self.rules = tuple(
-            CompiledRule(i, rule, rule.worker_class, rule.key, rule.name)
+            CompiledRule(i, rule, rule.worker_class, rule.key, rule.name, memo_entries)
             for i, rule in enumerate(spec.rules)
         )
         self.default = CompiledRule(
-            len(self.rules), None, spec.default_class, spec.default_key, DEFAULT_RULE
+            len(self.rules), None, spec.default_class, spec.default_key, DEFAULT_RULE, memo_entries
         )
         self.whoami = spec.whoami
         self._resolve_all = spec.whoami is not None and spec.whoami.resolve is Resolve.ALL
@@ -275,7 +279,7 @@ class CompiledPolicy:
         # Matching chains by path: many requests share a path (/sync,
         # /versions, /keys/query), and a chain does not depend on anything
         # else. Bounded; cleared when full.
-        self._chains: dict[str, tuple[CompiledRule, ...]] = {}
+        self._chains: Memo[str, tuple[CompiledRule, ...]] = Memo(memo_entries)
         for rule in (*self.rules, self.default):
             rule.keyless = Decision(
                 rule.worker_class,
@@ -305,15 +309,9 @@ class CompiledPolicy:
                 break
             matcher = self._after[rule.index]
         result = tuple(chain)
-        self._remember(self._chains, path, result)
+        if len(path) <= MEMO_MAX_TEXT:
+            self._chains.remember(path, result)
         return result
-
-    def _remember(self, memo: dict[str, _T], key: str, value: _T) -> None:
-        """Keep ``value`` in a bounded memo: short keys only, emptied when full."""
-        if len(key) <= MEMO_MAX_TEXT and self._memo_entries:
-            if len(memo) >= self._memo_entries:
-                memo.clear()
-            memo[key] = value
 
     def match(self, method: str, path: str, query: str | None) -> CompiledRule:
         """The first rule that takes this request, or the default rule."""
@@ -367,7 +365,8 @@ class CompiledPolicy:
                 self.version,
                 rule.label(kind),
             )
-            self._remember(memo, source, decision)
+            if len(source) <= MEMO_MAX_TEXT:
+                memo.remember(source, decision)
             return decision
         except Exception:  # a bug; the request still gets routed
             worker_class = self.default.worker_class

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Final, TypeAlias
 
+from ..memo import Memo
 from .spec import (
     FLAG_TRUE,
     LENGTH_PREFIX_SIZE,
@@ -203,17 +204,13 @@ def encode_typed(value: Value) -> bytes:
 
 #: Decoded addresses by their packed bytes: the same few HAProxy addresses
 #: come back in every NOTIFY and building an ip_address object is costly.
-_ADDRESS_CACHE: dict[bytes, IPv4Address | IPv6Address] = {}
-_ADDRESS_CACHE_LIMIT: Final = 4096
+_ADDRESSES: Memo[bytes, IPv4Address | IPv6Address] = Memo(4096)
 
 
 def _decode_address(raw: bytes) -> IPv4Address | IPv6Address:
-    address = _ADDRESS_CACHE.get(raw)
+    address = _ADDRESSES.get(raw)
     if address is None:
-        address = IPv4Address(raw) if len(raw) == 4 else IPv6Address(raw)
-        if len(_ADDRESS_CACHE) >= _ADDRESS_CACHE_LIMIT:
-            _ADDRESS_CACHE.clear()
-        _ADDRESS_CACHE[raw] = address
+        address = _ADDRESSES.remember(raw, IPv4Address(raw) if len(raw) == 4 else IPv6Address(raw))
     return address
 
 
