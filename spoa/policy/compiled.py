@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 from typing import Final, NamedTuple, Protocol
 
 import mmh3
 
-from ..matrix import access_token, room_from_path, syt_localpart, xmatrix_origin
+from ..matrix import access_token, syt_localpart
+from ..matrix.keys import KEY_EXTRACTORS, KeyExtractor
 from ..matrix.query import has_value
 from ..memo import Memo
 from .schema import KeyKind, PolicySpec, Resolve, RuleSpec
@@ -79,9 +79,6 @@ class Decision(NamedTuple):
     label: tuple[str, str, str] = ("", "", "")
 
 
-KeyExtractor = Callable[[Request], tuple[str, str] | None]
-
-
 class Users(Protocol):
     """Who an access token belongs to, as far as is known now (the whoami cache).
 
@@ -94,63 +91,9 @@ class Users(Protocol):
         """The user localpart of ``token``, or None if not known (yet)."""
 
 
-def _token_key(request: Request) -> tuple[str, str] | None:
-    token = access_token(request.auth, request.query)
-    return ("token", token) if token else None
-
-
-def _user_key(request: Request) -> tuple[str, str] | None:
-    token = access_token(request.auth, request.query)
-    if not token:
-        return None
-    localpart = syt_localpart(token)
-    return ("user", localpart) if localpart else ("token", token)
-
-
-def _room_key(request: Request) -> tuple[str, str] | None:
-    room = room_from_path(request.path)
-    return ("room", room) if room else None
-
-
-def _src_key(request: Request) -> tuple[str, str] | None:
-    src = request.src
-    if src is None or src == "":
-        return None
-    if isinstance(src, IPv6Address):
-        # An IPv4 client on a dual-stack listener arrives IPv4-mapped: key it
-        # as the IPv4 address it is (Python versions print mapped addresses
-        # differently; the Lua fallback does the same).
-        mapped = src.ipv4_mapped
-        return ("src", str(mapped if mapped is not None else src))
-    if isinstance(src, str) and src[:7].lower() == "::ffff:" and "." in src:
-        return ("src", src[7:])
-    return ("src", str(src))
-
-
-def _origin_key(request: Request) -> tuple[str, str] | None:
-    origin = xmatrix_origin(request.auth)
-    if origin:
-        return ("origin", origin)
-    return _src_key(request)
-
-
-def _uri_key(request: Request) -> tuple[str, str] | None:
-    query = request.query
-    return ("uri", f"{request.path}?{query}" if query else request.path)
-
-
-def _no_key(request: Request) -> tuple[str, str] | None:
-    return None
-
-
+#: The extractor of each kind of key (spoa.matrix.keys); every kind has one.
 EXTRACTORS: Final[dict[KeyKind, KeyExtractor]] = {
-    KeyKind.TOKEN: _token_key,
-    KeyKind.USER: _user_key,
-    KeyKind.ROOM: _room_key,
-    KeyKind.ORIGIN: _origin_key,
-    KeyKind.URI: _uri_key,
-    KeyKind.SRC: _src_key,
-    KeyKind.NONE: _no_key,
+    kind: KEY_EXTRACTORS[kind.value] for kind in KeyKind
 }
 
 

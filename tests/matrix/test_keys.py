@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from ipaddress import IPv4Address, IPv6Address
+from typing import NamedTuple
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from spoa.matrix import access_token, query_value, room_from_path, syt_localpart, xmatrix_origin
+from spoa.matrix.keys import KEY_EXTRACTORS
 from spoa.matrix.query import has_value, percent_decode
+from spoa.policy.schema import KeyKind
 
 # -- tokens -----------------------------------------------------------------------------
 
@@ -189,3 +194,74 @@ def test_extractors_never_raise(a: str, b: str) -> None:
     syt_localpart("syt_" + a)
     query_value(a, "since")
     percent_decode(a)
+
+
+# -- key extractors -----------------------------------------------------------------------
+
+
+class _Parts(NamedTuple):
+    path: str = "/"
+    query: str | None = None
+    auth: str | None = None
+    src: str | IPv4Address | IPv6Address | None = None
+
+
+@pytest.mark.parametrize(
+    ("kind", "request_parts", "key"),
+    [
+        ("token", _Parts(auth="Bearer syt_YWxpY2U_a_b"), ("token", "syt_YWxpY2U_a_b")),
+        ("token", _Parts(), None),
+        ("user", _Parts(auth="Bearer syt_YWxpY2U_a_b"), ("user", "alice")),
+        ("user", _Parts(auth="Bearer mat_opaque"), ("token", "mat_opaque")),
+        ("user", _Parts(query="access_token=syt_Ym9i_x_y"), ("user", "bob")),
+        ("user", _Parts(), None),
+        ("room", _Parts(path="/_matrix/client/v3/rooms/%21r%3Ahs/send"), ("room", "!r:hs")),
+        ("room", _Parts(path="/_matrix/client/v3/sync"), None),
+        (
+            "origin",
+            _Parts(auth='X-Matrix origin="remote.example",key="k",sig="s"'),
+            ("origin", "remote.example"),
+        ),
+        (
+            "origin",
+            _Parts(auth="X-Matrix origin=remote.example,key=k,sig=s"),
+            ("origin", "remote.example"),
+        ),
+        ("src", _Parts(src=IPv4Address("192.0.2.7")), ("src", "192.0.2.7")),
+        ("src", _Parts(src=IPv6Address("::ffff:192.0.2.7")), ("src", "192.0.2.7")),
+        ("src", _Parts(src="::FFFF:192.0.2.7"), ("src", "192.0.2.7")),
+        ("src", _Parts(src=IPv6Address("2001:db8::1")), ("src", "2001:db8::1")),
+        ("src", _Parts(src=""), None),
+        ("src", _Parts(), None),
+        ("uri", _Parts(path="/a/b", query="x=1"), ("uri", "/a/b?x=1")),
+        ("uri", _Parts(path="/a/b", query=""), ("uri", "/a/b")),
+        ("none", _Parts(auth="Bearer t", src="192.0.2.1"), None),
+    ],
+)
+def test_each_kind_takes_its_documented_value(
+    kind: str, request_parts: _Parts, key: tuple[str, str] | None
+) -> None:
+    assert KEY_EXTRACTORS[kind](request_parts) == key
+
+
+def test_origin_without_x_matrix_keys_on_the_client_address() -> None:
+    parts = _Parts(auth="Bearer syt_YWxpY2U_a_b", src=IPv4Address("198.51.100.2"))
+    assert KEY_EXTRACTORS["origin"](parts) == ("src", "198.51.100.2")
+
+
+def test_every_policy_key_kind_has_an_extractor() -> None:
+    assert set(KEY_EXTRACTORS) == {kind.value for kind in KeyKind}
+
+
+@given(
+    st.sampled_from(sorted(KEY_EXTRACTORS)),
+    st.text(max_size=60),
+    st.none() | st.text(max_size=60),
+    st.none() | st.text(max_size=60),
+    st.none() | st.text(max_size=40),
+)
+def test_no_extractor_raises(
+    kind: str, path: str, query: str | None, auth: str | None, src: str | None
+) -> None:
+    key = KEY_EXTRACTORS[kind](_Parts(path, query, auth, src))
+    assert key is None or (isinstance(key[0], str) and isinstance(key[1], str))
