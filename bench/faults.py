@@ -50,7 +50,7 @@ from spoa.demo.load import Load, Sample, over  # noqa: E402
 from spoa.demo.ports import free_port  # noqa: E402
 from spoa.demo.stack import DemoStack  # noqa: E402
 from spoa.spop import Message  # noqa: E402
-from spoa.spop.peer import haproxy_hello, notify  # noqa: E402
+from spoa.spop.testing import haproxy_hello, notify  # noqa: E402
 from spoa.traffic import Deployment, TrafficRequest, generate, mas_token, syt_token  # noqa: E402
 
 SLOW_MS = 90

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from spoa.spop import Message, decode_varint  # noqa: E402
-from spoa.spop.peer import haproxy_hello, notify  # noqa: E402
+from spoa.spop.testing import haproxy_hello, notify  # noqa: E402
 from spoa.traffic import Deployment, generate  # noqa: E402
 
 _LENGTH = struct.Struct(">I")

@@ -7,16 +7,8 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from spoa.server import Handler, Limits, SpopServer
-from spoa.spop import (
-    Action,
-    Frame,
-    FrameType,
-    Value,
-    decode_actions,
-    decode_kv_list,
-    split_frames,
-)
-from spoa.spop.peer import haproxy_hello
+from spoa.spop import Action, FrameType, Value, decode_kv_list
+from spoa.spop.testing import Frame, decode_actions, haproxy_hello, split_frames
 
 
 class Peer:

@@ -13,7 +13,8 @@ import pytest
 from spoa import routing
 from spoa.policy.reload import PolicyHolder
 from spoa.routing import RouteHandler
-from spoa.spop import Message, Notify, Scope, SetVar, Value, decode_actions
+from spoa.spop import Message, Notify, Scope, SetVar, Value
+from spoa.spop.testing import decode_actions
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "syt_YWxpY2U_secretsecretsecret_1a2b3c"

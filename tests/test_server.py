@@ -28,7 +28,7 @@ from spoa.spop import (
     encode_actions,
     encode_frame,
 )
-from spoa.spop.peer import haproxy_disconnect, haproxy_hello, notify
+from spoa.spop.testing import haproxy_disconnect, haproxy_hello, notify
 from tests.spop_peer import Peer, actions, kv, running_server
 
 ROOT = Path(__file__).resolve().parent.parent

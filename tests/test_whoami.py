@@ -21,7 +21,8 @@ from spoa.httpd import HttpRequest, HttpResponse, HttpServer
 from spoa.policy import PolicyError, Request, Resolve, WhoamiSpec, compile_policy
 from spoa.policy.reload import PolicyHolder
 from spoa.routing import RouteHandler
-from spoa.spop import Message, Notify, SetVar, decode_actions
+from spoa.spop import Message, Notify, SetVar
+from spoa.spop.testing import decode_actions
 from spoa.whoami import WhoamiResolver, WhoamiStats, localpart_of
 
 SPEC = WhoamiSpec(url="http://127.0.0.1:1/_matrix/client/v3/account/whoami")

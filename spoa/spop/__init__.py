@@ -1,13 +1,13 @@
 """Sans-I/O implementation of SPOP 2.0, HAProxy's Stream Processing Offload Protocol.
 
 Bytes in, events out: nothing in this package reads a socket, a clock or a
-logger. See :class:`~spoa.spop.connection.Connection`.
+logger. See :class:`~spoa.spop.connection.Connection`. HAProxy's side, for
+tests and benchmarks, is :mod:`spoa.spop.testing`.
 """
 
 from .codec import (
     Action,
     DecodeError,
-    Frame,
     Int32,
     Int64,
     Message,
@@ -16,8 +16,6 @@ from .codec import (
     UInt64,
     UnsetVar,
     Value,
-    decode_actions,
-    decode_frame_body,
     decode_kv_list,
     decode_messages,
     decode_typed,
@@ -29,7 +27,6 @@ from .codec import (
     encode_messages,
     encode_typed,
     encode_varint,
-    split_frames,
 )
 from .connection import (
     Connection,
@@ -66,7 +63,6 @@ __all__ = [
     "DataType",
     "DecodeError",
     "Event",
-    "Frame",
     "FrameFlags",
     "FrameType",
     "HaproxyDisconnect",
@@ -84,8 +80,6 @@ __all__ = [
     "UInt64",
     "UnsetVar",
     "Value",
-    "decode_actions",
-    "decode_frame_body",
     "decode_kv_list",
     "decode_messages",
     "decode_typed",
@@ -97,5 +91,4 @@ __all__ = [
     "encode_messages",
     "encode_typed",
     "encode_varint",
-    "split_frames",
 ]

@@ -10,7 +10,6 @@ decoded once whole.
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
@@ -19,7 +18,8 @@ from typing import Final, TypeAlias
 from ..memo import Memo
 from .spec import (
     FLAG_TRUE,
-    LENGTH_PREFIX_SIZE,
+    FRAME_LENGTH,
+    FRAME_TYPE_FLAGS,
     TYPE_MASK,
     ActionType,
     DataType,
@@ -473,46 +473,11 @@ def encode_actions(actions: Iterable[Action]) -> bytes:
     return b"".join(encode_action(action) for action in actions)
 
 
-def decode_actions(buf: bytes, pos: int, end: int) -> list[Action]:
-    actions: list[Action] = []
-    while pos < end:
-        if pos + 3 > end:
-            raise DecodeError("truncated action")
-        action_type, nb_args, scope_byte = buf[pos], buf[pos + 1], buf[pos + 2]
-        pos += 3
-        try:
-            scope = Scope(scope_byte)
-        except ValueError:
-            raise DecodeError(f"unknown variable scope {scope_byte}") from None
-        name, pos = decode_name(buf, pos, end)
-        if action_type == ActionType.SET_VAR and nb_args == 3:
-            value, pos = decode_typed(buf, pos, end)
-            actions.append(SetVar(scope, name, value))
-        elif action_type == ActionType.UNSET_VAR and nb_args == 2:
-            actions.append(UnsetVar(scope, name))
-        else:
-            raise DecodeError(f"bad action type {action_type} with {nb_args} arguments")
-    return actions
-
-
 # ---------------------------------------------------------------------------
 # Frames (SPOE.txt 3.2)
 # ---------------------------------------------------------------------------
 
-_LENGTH: Final = struct.Struct(">I")
-_TYPE_FLAGS: Final = struct.Struct(">BI")
 _FIN: Final = int(FrameFlags.FIN)
-
-
-@dataclass(frozen=True, slots=True)
-class Frame:
-    """A whole frame, header decoded, payload left as bytes."""
-
-    type: int
-    flags: int
-    stream_id: int
-    frame_id: int
-    payload: bytes
 
 
 def encode_frame(
@@ -524,37 +489,9 @@ def encode_frame(
 ) -> bytes:
     """Build a complete frame, length prefix included, as one ``bytes``."""
     body = (
-        _TYPE_FLAGS.pack(frame_type, flags)
+        FRAME_TYPE_FLAGS.pack(frame_type, flags)
         + encode_varint(stream_id)
         + encode_varint(frame_id)
         + payload
     )
-    return _LENGTH.pack(len(body)) + body
-
-
-def decode_frame_body(buf: bytes, pos: int, end: int) -> Frame:
-    """Decode the frame body at ``buf[pos:end]`` (after the length prefix)."""
-    if end - pos < 7:
-        raise DecodeError(f"frame of {end - pos} bytes is shorter than a header")
-    frame_type, flags = _TYPE_FLAGS.unpack_from(buf, pos)
-    stream_id, pos = decode_varint(buf, pos + 5, end)
-    frame_id, pos = decode_varint(buf, pos, end)
-    return Frame(frame_type, flags, stream_id, frame_id, buf[pos:end])
-
-
-def split_frames(buf: bytes) -> tuple[list[Frame], bytes]:
-    """Decode every complete frame of ``buf``; return them and the rest.
-
-    Meant for peers and tests, which trust their input; the agent's own
-    receive path is :class:`spoa.spop.connection.Connection`.
-    """
-    frames: list[Frame] = []
-    pos = 0
-    while len(buf) - pos >= LENGTH_PREFIX_SIZE:
-        (length,) = _LENGTH.unpack_from(buf, pos)
-        end = pos + LENGTH_PREFIX_SIZE + length
-        if end > len(buf):
-            break
-        frames.append(decode_frame_body(buf, pos + LENGTH_PREFIX_SIZE, end))
-        pos = end
-    return frames, buf[pos:]
+    return FRAME_LENGTH.pack(len(body)) + body

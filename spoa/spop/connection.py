@@ -48,6 +48,8 @@ from .codec import (
 from .codec import UInt32 as _UInt32
 from .spec import (
     AGENT_CAPABILITIES,
+    FRAME_LENGTH,
+    FRAME_TYPE_FLAGS,
     LENGTH_PREFIX_SIZE,
     MAX_DISCONNECT_MESSAGE,
     MAX_FRAME_SIZE,
@@ -131,8 +133,6 @@ class ProtocolViolation:
 
 Event: TypeAlias = HaproxyHello | Notify | HaproxyDisconnect | ProtocolViolation
 
-_LENGTH: Final = struct.Struct(">I")
-_TYPE_FLAGS: Final = struct.Struct(">BI")
 _ACK_HEAD: Final = struct.Struct(">IBI")
 _FIN: Final = int(FrameFlags.FIN)
 _ABORT: Final = int(FrameFlags.ABORT)
@@ -222,7 +222,7 @@ class Connection:
         processing = state is ConnectionState.PROCESSING
         try:
             while size - pos >= LENGTH_PREFIX_SIZE and len(events) < limit:
-                (length,) = _LENGTH.unpack_from(buf, pos)
+                (length,) = FRAME_LENGTH.unpack_from(buf, pos)
                 if length > limit_len:
                     raise DecodeError(
                         f"frame of {length} bytes exceeds the limit of {limit_len}",
@@ -233,7 +233,7 @@ class Connection:
                 end = pos + LENGTH_PREFIX_SIZE + length
                 if end > size:
                     break
-                frame_type, flags = _TYPE_FLAGS.unpack_from(buf, pos + LENGTH_PREFIX_SIZE)
+                frame_type, flags = FRAME_TYPE_FLAGS.unpack_from(buf, pos + LENGTH_PREFIX_SIZE)
                 p = pos + LENGTH_PREFIX_SIZE + 5
                 stream_id = buf[p]
                 if stream_id < 240:

@@ -7,6 +7,7 @@ numbers cited per member) and, where the text and the code disagree, from
 
 from __future__ import annotations
 
+import struct
 from enum import IntEnum, IntFlag
 
 #: The only SPOP version any HAProxy since 1.8.10 speaks (SPOE.txt 3.2.4).
@@ -25,6 +26,10 @@ MAX_FRAME_SIZE = 1 << 24
 
 #: Size of the length prefix in front of every frame (SPOE.txt 3.2).
 LENGTH_PREFIX_SIZE = 4
+
+#: The length prefix, and the type and flags that open a frame body (SPOE.txt 3.2).
+FRAME_LENGTH = struct.Struct(">I")
+FRAME_TYPE_FLAGS = struct.Struct(">BI")
 
 #: type (1) + flags (4) + stream-id (>= 1) + frame-id (>= 1): the smallest
 #: frame body (SPOE.txt 3.2; HAProxy calls shorter frames invalid).

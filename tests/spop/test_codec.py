@@ -22,8 +22,6 @@ from spoa.spop import (
     UInt64,
     UnsetVar,
     Value,
-    decode_actions,
-    decode_frame_body,
     decode_kv_list,
     decode_messages,
     decode_typed,
@@ -34,9 +32,9 @@ from spoa.spop import (
     encode_messages,
     encode_typed,
     encode_varint,
-    split_frames,
 )
 from spoa.spop.codec import _encode_varint_slow
+from spoa.spop.testing import decode_actions, decode_frame_body, split_frames
 from tests.spop.captures import CAPTURED
 
 # The varint table of SPOE.txt 3.1 / the reference notes, with the boundary

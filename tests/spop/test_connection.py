@@ -23,15 +23,19 @@ from spoa.spop import (
     SetVar,
     Status,
     UInt32,
-    decode_actions,
     decode_kv_list,
     encode_actions,
     encode_frame,
     encode_kv_list,
     encode_messages,
+)
+from spoa.spop.testing import (
+    decode_actions,
+    haproxy_disconnect,
+    haproxy_hello,
+    notify,
     split_frames,
 )
-from spoa.spop.peer import haproxy_disconnect, haproxy_hello, notify
 from tests.spop.captures import CAPTURED
 
 ROUTE = Message("route", {"method": "GET", "path": "/x", "src": IPv4Address("10.1.2.3")})

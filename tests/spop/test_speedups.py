@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spoa.spop import FrameType, Int32, Int64, Status, UInt32, UInt64, codec, split_frames
+from spoa.spop import FrameType, Int32, Int64, Status, UInt32, UInt64, codec
 from spoa.spop.codec import (
     DecodeError,
     Message,
@@ -32,6 +32,7 @@ from spoa.spop.codec import (
     encode_messages,
     encode_name,
 )
+from spoa.spop.testing import split_frames
 from tests.spop.captures import CAPTURED
 
 Decoder: TypeAlias = Callable[[bytes, int, int], list[Message]]
