@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tracemalloc
 from collections.abc import Callable, Iterator
-from ipaddress import IPv4Address, IPv6Address
 from types import ModuleType
 from typing import TypeAlias
 
@@ -22,7 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spoa.spop import FrameType, Int32, Int64, Status, UInt32, UInt64, codec
+from spoa.spop import FrameType, Status, codec
 from spoa.spop.codec import (
     DecodeError,
     Message,
@@ -34,6 +33,7 @@ from spoa.spop.codec import (
 )
 from spoa.spop.testing import split_frames
 from tests.spop.captures import CAPTURED
+from tests.spop.strategies import SCALARS
 
 Decoder: TypeAlias = Callable[[bytes, int, int], list[Message]]
 
@@ -151,14 +151,7 @@ names = st.one_of(
 )
 
 values: st.SearchStrategy[Value] = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(min_value=-(2**31), max_value=2**31 - 1).map(Int32),
-    st.integers(min_value=0, max_value=2**32 - 1).map(UInt32),
-    st.integers(min_value=-(2**63), max_value=2**63 - 1).map(Int64),
-    st.integers(min_value=0, max_value=2**64 - 1).map(UInt64),
-    st.integers(min_value=0, max_value=2**32 - 1).map(IPv4Address),
-    st.integers(min_value=0, max_value=2**128 - 1).map(IPv6Address),
+    SCALARS,
     st.text(max_size=30),
     raw_text(30),
     st.text(min_size=230, max_size=300),
