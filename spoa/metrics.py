@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Final
 
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -114,35 +114,45 @@ class AgentCollector(Collector):
             "HELLOs refused: over the connection limit.",
             value=s.connections_refused,
         )
-        received = CounterMetricFamily(
-            "spoa_frames_received", "SPOP frames received, by frame type.", labels=["type"]
+        yield _by_label(
+            CounterMetricFamily,
+            "spoa_frames_received",
+            "SPOP frames received, by frame type.",
+            "type",
+            (
+                ("haproxy_hello", s.hello_frames),
+                ("notify", s.notify_frames),
+                ("haproxy_disconnect", s.disconnect_frames_received),
+            ),
         )
-        received.add_metric(["haproxy_hello"], s.hello_frames)
-        received.add_metric(["notify"], s.notify_frames)
-        received.add_metric(["haproxy_disconnect"], s.disconnect_frames_received)
-        yield received
-        sent = CounterMetricFamily(
-            "spoa_frames_sent", "SPOP frames sent, by frame type.", labels=["type"]
+        yield _by_label(
+            CounterMetricFamily,
+            "spoa_frames_sent",
+            "SPOP frames sent, by frame type.",
+            "type",
+            (
+                ("agent_hello", s.agent_hello_frames),
+                ("ack", s.ack_frames),
+                ("agent_disconnect", s.disconnect_frames_sent),
+            ),
         )
-        sent.add_metric(["agent_hello"], s.agent_hello_frames)
-        sent.add_metric(["ack"], s.ack_frames)
-        sent.add_metric(["agent_disconnect"], s.disconnect_frames_sent)
-        yield sent
         yield CounterMetricFamily(
             "spoa_healthchecks",
             "Health-check HELLOs answered (HAProxy's spop-check).",
             value=s.healthchecks,
         )
-        errors = CounterMetricFamily(
-            "spoa_protocol_errors",
-            "Connections closed for a protocol error, by SPOE status.",
-            labels=["status"],
-        )
         # Every status, zeros included, so the series exist before the first error.
         counts = dict(s.protocol_errors)
-        for status in sorted(set(_STATUS_NAMES) | set(counts)):
-            errors.add_metric([_STATUS_NAMES.get(status, str(status))], counts.get(status, 0))
-        yield errors
+        yield _by_label(
+            CounterMetricFamily,
+            "spoa_protocol_errors",
+            "Connections closed for a protocol error, by SPOE status.",
+            "status",
+            (
+                (_STATUS_NAMES.get(status, str(status)), counts.get(status, 0))
+                for status in sorted(set(_STATUS_NAMES) | set(counts))
+            ),
+        )
         yield CounterMetricFamily(
             "spoa_stale_notifies",
             "NOTIFYs of a backlog left unanswered: HAProxy had already given up on them.",
@@ -158,12 +168,13 @@ class AgentCollector(Collector):
         holder = self.holder
         if holder is None:
             return
-        reloads = CounterMetricFamily(
-            "spoa_policy_reloads", "Policy reload attempts, by result.", labels=["result"]
+        yield _by_label(
+            CounterMetricFamily,
+            "spoa_policy_reloads",
+            "Policy reload attempts, by result.",
+            "result",
+            (("success", holder.reloads_ok), ("failure", holder.reloads_failed)),
         )
-        reloads.add_metric(["success"], holder.reloads_ok)
-        reloads.add_metric(["failure"], holder.reloads_failed)
-        yield reloads
         policy = holder.current
         info = InfoMetricFamily("spoa_policy", "The running policy.")
         info.add_metric([], {"version": policy.version, "name": policy.spec.name or ""})
@@ -186,46 +197,55 @@ class AgentCollector(Collector):
         stats = self.whoami
         if stats is None:
             return
-        lookups = CounterMetricFamily(
+        yield _by_label(
+            CounterMetricFamily,
             "spoa_whoami_lookups",
             "Lookups of the user of an opaque access token, by result.",
-            labels=["result"],
+            "result",
+            ((result, stats.lookups[result]) for result in RESULTS),
         )
-        for result in RESULTS:
-            lookups.add_metric([result], stats.lookups[result])
-        yield lookups
-        skipped = CounterMetricFamily(
+        yield _by_label(
+            CounterMetricFamily,
             "spoa_whoami_lookups_skipped",
             "Lookups not started for a new token (it kept its token key), by reason.",
-            labels=["reason"],
+            "reason",
+            ((reason, stats.skipped[reason]) for reason in SKIPS),
         )
-        for reason in SKIPS:
-            skipped.add_metric([reason], stats.skipped[reason])
-        yield skipped
-        cache = CounterMetricFamily(
+        yield _by_label(
+            CounterMetricFamily,
             "spoa_whoami_cache_requests",
             "Decisions that asked the whoami cache for a token's user, by result.",
-            labels=["result"],
+            "result",
+            (("hit", stats.hits), ("rejected", stats.negative_hits), ("miss", stats.misses)),
         )
-        cache.add_metric(["hit"], stats.hits)
-        cache.add_metric(["rejected"], stats.negative_hits)
-        cache.add_metric(["miss"], stats.misses)
-        yield cache
         resolver = stats.resolver
         users, rejected = resolver.entries() if resolver is not None else (0, 0)
-        entries = GaugeMetricFamily(
+        yield _by_label(
+            GaugeMetricFamily,
             "spoa_whoami_cache_entries",
             "Tokens in the whoami cache: with a known user, or rejected/failed.",
-            labels=["kind"],
+            "kind",
+            (("user", users), ("rejected", rejected)),
         )
-        entries.add_metric(["user"], users)
-        entries.add_metric(["rejected"], rejected)
-        yield entries
         yield GaugeMetricFamily(
             "spoa_whoami_lookups_in_flight",
             "Whoami lookups waiting for the homeserver now.",
             value=resolver.in_flight if resolver is not None else 0,
         )
+
+
+def _by_label(
+    family: type[CounterMetricFamily | GaugeMetricFamily],
+    name: str,
+    documentation: str,
+    label: str,
+    values: Iterable[tuple[str, float]],
+) -> Metric:
+    """A metric family of one label, one sample per (label value, value)."""
+    metric = family(name, documentation, labels=[label])
+    for label_value, value in values:
+        metric.add_metric([label_value], value)
+    return metric
 
 
 def build_registry(collector: AgentCollector) -> CollectorRegistry:
