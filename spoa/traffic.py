@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import random
 import string
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 
@@ -156,6 +156,96 @@ MIX: list[tuple[str, int]] = [
 ]
 
 
+@dataclass(frozen=True, slots=True)
+class _Draw:
+    """What every request draws first, whatever its kind (the order keeps runs alike)."""
+
+    deployment: Deployment
+    rng: random.Random
+    user: str
+    token: str
+    bearer: dict[str, str]
+    src: str
+    room: str
+    txn: int
+
+
+#: method, path, query, headers, client address
+_Parts = tuple[str, str, str | None, dict[str, str], str]
+
+
+def _sync(x: _Draw) -> _Parts:
+    since = f"s{x.rng.randrange(10**6)}_{x.rng.randrange(10**4)}"
+    if x.rng.random() < 0.1:  # old clients still put the token in the query
+        query = f"since={since}&timeout=30000&access_token={x.token}"
+        return "GET", "/_matrix/client/v3/sync", query, {}, x.src
+    query = f"filter=0&since={since}&timeout=30000"
+    return "GET", "/_matrix/client/v3/sync", query, x.bearer, x.src
+
+
+def _sliding_sync(x: _Draw) -> _Parts:
+    # Element X: POST with a position (none on the first request).
+    position = f"&pos={x.rng.randrange(10**6)}" if x.rng.random() < 0.95 else ""
+    path = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync"
+    return "POST", path, "timeout=30000" + position, x.bearer, x.src
+
+
+def _federation_send(x: _Draw) -> _Parts:
+    d, rng = x.deployment, x.rng
+    origin = rng.choice(d.origins)
+    auth = (
+        f'X-Matrix origin="{origin}",destination="{d.server_name}",'
+        f'key="ed25519:a_{x.txn % 97}",sig="{base64.b64encode(rng.randbytes(64)).decode()}"'
+    )
+    src = f"203.0.113.{rng.randrange(1, 255)}"
+    return "PUT", f"/_matrix/federation/v1/send/{x.txn}", None, {"Authorization": auth}, src
+
+
+def _federation_read(x: _Draw) -> _Parts:
+    origin = x.rng.choice(x.deployment.origins)
+    headers = {"Authorization": f'X-Matrix origin="{origin}",key="ed25519:a",sig="c2ln"'}
+    path = f"/_matrix/federation/v1/state_ids/{x.room}"
+    return "GET", path, f"event_id=%24{x.txn}", headers, x.src
+
+
+def _media(x: _Draw) -> _Parts:
+    media = "".join(x.rng.choices(string.ascii_letters, k=24))
+    path = f"/_matrix/client/v1/media/download/{x.deployment.server_name}/{media}"
+    return "GET", path, None, x.bearer, x.src
+
+
+def _client(method: str, path: str, query: str | None = None) -> Callable[[_Draw], _Parts]:
+    """A request with the user's bearer token; ``path`` may name {room}, {txn}, {user}."""
+
+    def build(x: _Draw) -> _Parts:
+        user = f"@{x.user}:{x.deployment.server_name}"
+        return method, path.format(room=x.room, txn=x.txn, user=user), query, x.bearer, x.src
+
+    return build
+
+
+def _versions(x: _Draw) -> _Parts:
+    return "GET", "/_matrix/client/versions", None, {}, x.src
+
+
+_KINDS: dict[str, Callable[[_Draw], _Parts]] = {
+    "sync": _sync,
+    "sliding_sync": _sliding_sync,
+    "initial_sync": _client("GET", "/_matrix/client/v3/sync", "filter=0&timeout=0"),
+    "send": _client("PUT", "/_matrix/client/v3/rooms/{room}/send/m.room.message/m{txn}"),
+    "federation_send": _federation_send,
+    "federation_read": _federation_read,
+    "media": _media,
+    "receipt": _client("POST", "/_matrix/client/v3/rooms/{room}/receipt/m.read/%24{txn}"),
+    "typing": _client("PUT", "/_matrix/client/v3/rooms/{room}/typing/{user}"),
+    "messages": _client("GET", "/_matrix/client/v3/rooms/{room}/messages", "dir=b&limit=30"),
+    "keys": _client("POST", "/_matrix/client/v3/keys/query"),
+    "profile": _client("GET", "/_matrix/client/v3/profile/{user}"),
+    "versions": _versions,
+    "other": _client("POST", "/_matrix/client/v3/pushers/set"),
+}
+
+
 def generate(count: int, deployment: Deployment | None = None) -> Iterator[TrafficRequest]:
     """``count`` requests in the proportions of :data:`MIX`."""
     d = deployment or Deployment()
@@ -165,129 +255,10 @@ def generate(count: int, deployment: Deployment | None = None) -> Iterator[Traff
     for _ in range(count):
         kind = rng.choices(kinds, weights)[0]
         user, token = rng.choice(d.tokens)
-        bearer = {"Authorization": f"Bearer {token}"}
         src = f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
         room = _encode_room(rng.choice(d.room_ids), rng)
         txn = rng.randrange(10**9)
-        if kind == "sync":
-            since = f"s{rng.randrange(10**6)}_{rng.randrange(10**4)}"
-            if rng.random() < 0.1:  # old clients still put the token in the query
-                yield TrafficRequest(
-                    kind,
-                    "GET",
-                    "/_matrix/client/v3/sync",
-                    f"since={since}&timeout=30000&access_token={token}",
-                    {},
-                    src,
-                )
-            else:
-                yield TrafficRequest(
-                    kind,
-                    "GET",
-                    "/_matrix/client/v3/sync",
-                    f"filter=0&since={since}&timeout=30000",
-                    bearer,
-                    src,
-                )
-        elif kind == "sliding_sync":
-            # Element X: POST with a position (none on the first request).
-            position = f"&pos={rng.randrange(10**6)}" if rng.random() < 0.95 else ""
-            query = "timeout=30000" + position
-            yield TrafficRequest(
-                kind,
-                "POST",
-                "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
-                query,
-                bearer,
-                src,
-            )
-        elif kind == "initial_sync":
-            yield TrafficRequest(
-                kind, "GET", "/_matrix/client/v3/sync", "filter=0&timeout=0", bearer, src
-            )
-        elif kind == "send":
-            yield TrafficRequest(
-                kind,
-                "PUT",
-                f"/_matrix/client/v3/rooms/{room}/send/m.room.message/m{txn}",
-                None,
-                bearer,
-                src,
-            )
-        elif kind == "federation_send":
-            origin = rng.choice(d.origins)
-            auth = (
-                f'X-Matrix origin="{origin}",destination="{d.server_name}",'
-                f'key="ed25519:a_{txn % 97}",sig="{base64.b64encode(rng.randbytes(64)).decode()}"'
-            )
-            yield TrafficRequest(
-                kind,
-                "PUT",
-                f"/_matrix/federation/v1/send/{txn}",
-                None,
-                {"Authorization": auth},
-                f"203.0.113.{rng.randrange(1, 255)}",
-            )
-        elif kind == "federation_read":
-            origin = rng.choice(d.origins)
-            auth = f'X-Matrix origin="{origin}",key="ed25519:a",sig="c2ln"'
-            yield TrafficRequest(
-                kind,
-                "GET",
-                f"/_matrix/federation/v1/state_ids/{room}",
-                f"event_id=%24{txn}",
-                {"Authorization": auth},
-                src,
-            )
-        elif kind == "media":
-            media = "".join(rng.choices(string.ascii_letters, k=24))
-            yield TrafficRequest(
-                kind,
-                "GET",
-                f"/_matrix/client/v1/media/download/{d.server_name}/{media}",
-                None,
-                bearer,
-                src,
-            )
-        elif kind == "receipt":
-            yield TrafficRequest(
-                kind,
-                "POST",
-                f"/_matrix/client/v3/rooms/{room}/receipt/m.read/%24{txn}",
-                None,
-                bearer,
-                src,
-            )
-        elif kind == "typing":
-            yield TrafficRequest(
-                kind,
-                "PUT",
-                f"/_matrix/client/v3/rooms/{room}/typing/@{user}:{d.server_name}",
-                None,
-                bearer,
-                src,
-            )
-        elif kind == "messages":
-            yield TrafficRequest(
-                kind,
-                "GET",
-                f"/_matrix/client/v3/rooms/{room}/messages",
-                "dir=b&limit=30",
-                bearer,
-                src,
-            )
-        elif kind == "keys":
-            yield TrafficRequest(kind, "POST", "/_matrix/client/v3/keys/query", None, bearer, src)
-        elif kind == "profile":
-            yield TrafficRequest(
-                kind,
-                "GET",
-                f"/_matrix/client/v3/profile/@{user}:{d.server_name}",
-                None,
-                bearer,
-                src,
-            )
-        elif kind == "versions":
-            yield TrafficRequest(kind, "GET", "/_matrix/client/versions", None, {}, src)
-        else:
-            yield TrafficRequest(kind, "POST", "/_matrix/client/v3/pushers/set", None, bearer, src)
+        bearer = {"Authorization": f"Bearer {token}"}
+        yield TrafficRequest(
+            kind, *_KINDS[kind](_Draw(d, rng, user, token, bearer, src, room, txn))
+        )
