@@ -678,15 +678,22 @@ local function read_file(path)
 end
 
 -- (Re)load a table if its file changed; a bad file keeps the last good table.
+-- A read error is logged once while it lasts, and again if it comes back.
 local function refresh(path, entry)
     local text, err = read_file(path)
     if text == nil then
-        if entry.problem ~= err then
-            entry.problem = err
+        if entry.unreadable ~= err then
+            entry.unreadable = err
             pcall(core.log, core.warning, "matrix_fallback: cannot read the table: " .. tostring(err)
                 .. (entry.routing and "; the last one read stays in use" or "; requests go to the default backend"))
         end
         return
+    end
+    if entry.unreadable then
+        entry.unreadable = nil
+        if text == entry.text then
+            pcall(core.log, core.info, "matrix_fallback: table " .. path .. " readable again, unchanged")
+        end
     end
     if text == entry.text then
         return
@@ -694,12 +701,11 @@ local function refresh(path, entry)
     entry.text = text
     local routing, problem = parse_table(text)
     if routing == nil then
-        entry.problem = problem
         pcall(core.log, core.warning, "matrix_fallback: table " .. path .. " rejected: " .. problem
             .. (entry.routing and "; the last good one stays in use" or "; requests go to the default backend"))
         return
     end
-    entry.routing, entry.problem = routing, nil
+    entry.routing = routing
     pcall(core.log, core.info, "matrix_fallback: table " .. path .. " loaded (policy " .. routing.version .. ")")
 end
 

@@ -19,7 +19,7 @@ import socket
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
@@ -278,6 +278,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
     texts["failing"] = texts["synapse-workers"]
     texts["swap"] = texts["synapse-workers"]
     texts["edited"] = texts["synapse-workers"]
+    texts["vanishing"] = texts["synapse-workers"]
     tables = {name: workdir / f"{name}.table" for name in texts}
     for name, text in texts.items():
         tables[name].write_text(text)
@@ -949,6 +950,30 @@ def test_a_new_table_is_followed_without_a_reload_and_a_broken_one_is_not(
     # Back to the first table.
     write_table(path, table_text("synapse-workers"))
     wait_until(lambda: proxy.send("swap", sync) == before, 6, "the first table again")
+
+
+def test_a_table_that_vanishes_again_after_coming_back_unchanged_is_logged_again(
+    proxy: Proxy,
+) -> None:
+    """Each disappearance is worth a warning; the table read before stays in use throughout."""
+    sync = Case("GET", b"/_matrix/client/v3/sync?since=1", f"Bearer {ALICE}".encode())
+    path = proxy.tables["vanishing"]
+    text = path.read_text()
+    routed = proxy.send("vanishing", sync)
+    assert routed.rule == "sync"
+    gone = f"cannot read the table: {path}"
+    back = f"table {path} readable again, unchanged"
+
+    def logged(line: str, count: int) -> Callable[[], bool]:
+        return lambda: _logged(proxy, line) == count
+
+    for times in (1, 2):
+        path.unlink()
+        wait_until(logged(gone, times), 6, f"disappearance {times} logged")
+        assert proxy.send("vanishing", sync) == routed
+        write_table(path, text)
+        wait_until(logged(back, times), 6, f"return {times} logged")
+        assert proxy.send("vanishing", sync) == routed
 
 
 def test_an_edited_policy_reaches_the_fallback_once_its_table_is_regenerated(
