@@ -553,7 +553,7 @@ local function parse_seed(value)
 end
 
 local function valid_route(class, kind)
-    if #class > CLASS_MAX or not class:find(CLASS_PATTERN) then
+    if #class > CLASS_MAX or not class:find(CLASS_PATTERN) or not class:find("%w") then
         return "bad class name " .. string.format("%q", class)
     end
     if not KEY_KINDS[kind] then

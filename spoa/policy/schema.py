@@ -62,8 +62,9 @@ class KeyKind(StrEnum):
 
 
 #: Names become HAProxy backend names (be_<class>), metric labels and SPOE
-#: variable values: keep them to a safe alphabet and HAProxy's name length.
-NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9_.-]{1,48}$")
+#: variable values: keep them to a safe alphabet and HAProxy's name length,
+#: with a letter or digit ("-" alone is what HAProxy logs for "no value").
+NAME_PATTERN: Final = re.compile(r"^(?=[A-Za-z0-9_.-]{1,48}$)[_.-]*[A-Za-z0-9]")
 _METHOD_PATTERN: Final = re.compile(r"^[A-Za-z]{1,20}$")
 _PARAM_PATTERN: Final = re.compile(r"^[^&=#\s]{1,64}$")
 _BACKREFERENCE: Final = re.compile(r"\\(?:[1-9]|g<)|\(\?P=")
@@ -297,7 +298,12 @@ class _Checker:
     def name(self, node: Node, path: str, what: str) -> str | None:
         value = self.string(node, path)
         if value is not None and not NAME_PATTERN.match(value):
-            self.error(node, path, f"{what} {value!r} must be 1-48 characters of A-Z a-z 0-9 _ . -")
+            self.error(
+                node,
+                path,
+                f"{what} {value!r} must be 1-48 characters of A-Z a-z 0-9 _ . -, "
+                "a letter or digit among them",
+            )
             return None
         return value
 

@@ -130,7 +130,14 @@ ERRORS = {
         MINIMAL.replace("classes: {main: }", "classes: {main: , 'be sync': }"),
         [
             "p.yaml:2: classes.be sync: class name 'be sync' must be 1-48 characters of "
-            "A-Z a-z 0-9 _ . -"
+            "A-Z a-z 0-9 _ . -, a letter or digit among them"
+        ],
+    ),
+    "class name without a letter or digit": (
+        MINIMAL.replace("classes: {main: }", "classes: {main: , '-': }"),
+        [
+            "p.yaml:2: classes.-: class name '-' must be 1-48 characters of "
+            "A-Z a-z 0-9 _ . -, a letter or digit among them"
         ],
     ),
     "duplicate class": (
@@ -195,7 +202,10 @@ ERRORS = {
     ),
     "bad rule name": (
         MINIMAL.replace("rules: []", "rules:\n  - {name: 'a b', class: main, path: ^/}"),
-        ["p.yaml:5: rules[0].name: rule name 'a b' must be 1-48 characters of A-Z a-z 0-9 _ . -"],
+        [
+            "p.yaml:5: rules[0].name: rule name 'a b' must be 1-48 characters of "
+            "A-Z a-z 0-9 _ . -, a letter or digit among them"
+        ],
     ),
     "bad regex": (
         MINIMAL.replace("rules: []", "rules:\n  - name: a\n    class: main\n    path: '^/(a'"),
