@@ -124,10 +124,21 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
 
+def _policy_command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    help_text: str,
+    description: str | None = None,
+) -> argparse.ArgumentParser:
+    """A command whose first argument is a policy file (check, fallback, explain)."""
+    command = commands.add_parser(name, help=help_text, description=description)
+    command.add_argument("policy", metavar="POLICY")
+    return command
+
+
 def _add_check(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """spoa check: a policy, and the HAProxy and Synapse configurations around it."""
-    check = commands.add_parser("check", help="check a policy file")
-    check.add_argument("policy", metavar="POLICY")
+    check = _policy_command(commands, "check", "check a policy file")
     check.add_argument(
         "--haproxy",
         metavar="CFG",
@@ -159,13 +170,13 @@ def _add_check(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _add_fallback(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """spoa fallback: the Lua fallback's table."""
-    fallback = commands.add_parser(
+    fallback = _policy_command(
+        commands,
         "fallback",
-        help="write the Lua fallback's routing table for a policy",
-        description="Write the table lua/matrix_fallback.lua routes by when the agent does "
-        "not answer, made from POLICY (the agent writes it itself with --fallback-table).",
+        "write the Lua fallback's routing table for a policy",
+        "Write the table lua/matrix_fallback.lua routes by when the agent does not answer, "
+        "made from POLICY (the agent writes it itself with --fallback-table).",
     )
-    fallback.add_argument("policy", metavar="POLICY")
     fallback.add_argument(
         "-o", "--output", metavar="FILE", help="write here, atomically (default: standard output)"
     )
@@ -173,13 +184,12 @@ def _add_fallback(commands: argparse._SubParsersAction[argparse.ArgumentParser])
 
 def _add_explain(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """spoa explain: how a policy routes requests."""
-    explain = commands.add_parser(
+    explain = _policy_command(
+        commands,
         "explain",
-        help="show how a policy routes a request",
-        description="Print the decision for one request, or for JSON lines on stdin "
-        "(--jsonl), as JSON.",
+        "show how a policy routes a request",
+        "Print the decision for one request, or for JSON lines on stdin (--jsonl), as JSON.",
     )
-    explain.add_argument("policy", metavar="POLICY")
     explain.add_argument("method", metavar="METHOD", nargs="?")
     explain.add_argument(
         "target", metavar="PATH", nargs="?", help="request target: raw path and query"

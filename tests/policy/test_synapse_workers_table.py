@@ -92,9 +92,18 @@ def entries(table: dict[str, Any], section: str, keys: set[str]) -> list[dict[st
     return found
 
 
-def load_table() -> tuple[tuple[str, ...], list[Row], list[Overlap], list[NearMiss]]:
+class Table(NamedTuple):
+    documented: tuple[str, ...]
+    rows: list[Row]
+    overlaps: list[Overlap]
+    near_misses: list[NearMiss]
+    #: (method, path with {room}, class)
+    room_keyed: list[tuple[str, str, str]]
+
+
+def load_table() -> Table:
     table = yaml.safe_load(TABLE_PATH.read_text(encoding="utf-8"))
-    assert set(table) == {"endpoints", "overlaps", "near_misses"}, sorted(table)
+    assert set(table) == {"endpoints", "overlaps", "near_misses", "keyed_by_room"}, sorted(table)
     endpoints = entries(table, "endpoints", {"regex", "routes"})
     documented = tuple(entry["regex"] for entry in endpoints)
     rows = [
@@ -112,10 +121,16 @@ def load_table() -> tuple[tuple[str, ...], list[Row], list[Overlap], list[NearMi
         NearMiss(entry.get("near"), *parse_request(entry["request"]))
         for entry in entries(table, "near_misses", {"request", "near"})
     ]
-    return documented, rows, overlaps, near_misses
+    room_keyed = []
+    for worker_class, requests in table["keyed_by_room"].items():
+        for request in requests:
+            method, template, query = parse_request(request)
+            assert query is None and "{room}" in template, f"not a room template: {request!r}"
+            room_keyed.append((method, template, worker_class))
+    return Table(documented, rows, overlaps, near_misses, room_keyed)
 
 
-DOCUMENTED, ROWS, OVERLAPS, NEAR_MISSES = load_table()
+DOCUMENTED, ROWS, OVERLAPS, NEAR_MISSES, ROOM_KEYED = load_table()
 
 # -- routing ------------------------------------------------------------------------------
 
@@ -248,23 +263,6 @@ def test_sync_is_keyed_by_the_user_named_in_the_syt_token(
     assert alice.key is not None
     assert alice.key == alice_again.key, "two devices of one user must hash alike"
     assert alice.key != bob.key
-
-
-ROOM_KEYED = [
-    ("PUT", f"{C}/v3/rooms/{{room}}/send/m.room.message/txn1", "event_creator"),
-    ("PUT", f"{C}/r0/rooms/{{room}}/send/m.room.message/txn1", "event_creator"),
-    ("PUT", f"{C}/v3/rooms/{{room}}/send/m.room.message/receipt", "event_creator"),
-    ("PUT", f"{C}/v3/rooms/{{room}}/state/m.room.name/", "event_creator"),
-    ("PUT", f"{C}/v3/rooms/{{room}}/redact/{EVENT_ENC}/txn1", "event_creator"),
-    ("POST", f"{C}/v3/rooms/{{room}}/join", "event_creator"),
-    ("POST", f"{C}/v3/rooms/{{room}}/invite", "event_creator"),
-    ("POST", f"{C}/v3/join/{{room}}", "event_creator"),
-    ("POST", f"{C}/v3/knock/{{room}}", "event_creator"),
-    ("GET", f"{C}/api/v1/rooms/{{room}}/messages", "client_reader"),
-    ("GET", f"{C}/r0/rooms/{{room}}/messages", "client_reader"),
-    ("GET", f"{C}/v3/rooms/{{room}}/messages", "client_reader"),
-    ("GET", f"{C}/unstable/rooms/{{room}}/messages", "client_reader"),
-]
 
 
 @pytest.mark.parametrize(
