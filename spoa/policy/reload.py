@@ -14,10 +14,13 @@ on it too.
 
 A file written in place may be caught half-written, and many prefixes of a
 policy are valid policies. So a file whose content changed but which is
-still the same file (same device and inode) is only tried once it has not
-been modified for ``settle`` seconds; a file that was replaced (an atomic
-rename, a ConfigMap's symlink swap) is complete by construction and is tried
-at once. SIGHUP tries at once whatever the file.
+still the same file (same device and inode) is only tried once the watcher
+has seen the same bytes for ``settle`` seconds and the file's mtime is as
+old: the mtime alone is not enough, as a truncation was seen to leave it
+unchanged (an empty file with the old mtime, on ext4). The bytes tried are
+the bytes that settled, not a fresh read. A file that was replaced (an
+atomic rename, a ConfigMap's symlink swap) is complete by construction and
+is tried at once. SIGHUP tries at once whatever the file.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from dataclasses import dataclass
 
 from .compiled import CompiledPolicy
 from .errors import PolicyError
-from .loader import FileSnapshot, load_policy, snapshot
+from .loader import FileSnapshot, compile_policy, load_policy, snapshot
 
 log = logging.getLogger("spoa.policy")
 
@@ -63,6 +66,8 @@ class PolicyHolder:
         self._on_change = on_change
         self.settle = settle
         self._files: FileSnapshot = {}
+        #: Changed bytes of a file edited in place, and when the watcher first saw them.
+        self._seen: dict[str, tuple[bytes | None, float]] = {}
         self.current: CompiledPolicy = load_policy(path, self._files)
         self._identities = _identities(self._files)
         self.loaded_at = time.time()
@@ -89,6 +94,7 @@ class PolicyHolder:
         Without ``force`` files whose bytes were already tried (loaded or
         rejected) are skipped; SIGHUP forces a fresh attempt.
         """
+        content: bytes | None = None
         if not force:
             now = snapshot([self.path, *self._files])
             if now == self._files:
@@ -97,9 +103,14 @@ class PolicyHolder:
             if waiting:
                 log.debug("policy file %s changed in place; waiting for it to settle", waiting)
                 return ReloadResult("settling", self.current.version)
+            content = now.get(self.path)
         files: FileSnapshot = {}
         try:
-            policy = load_policy(self.path, files)
+            if content is None:  # forced, or unreadable (load_policy says why)
+                policy = load_policy(self.path, files)
+            else:
+                files[self.path] = content
+                policy = compile_policy(content, self.path, files=files)
         except PolicyError as exc:
             self._remember(files)
             return self._failed(tuple(str(e) for e in exc.errors))
@@ -129,6 +140,7 @@ class PolicyHolder:
     def _remember(self, files: FileSnapshot) -> None:
         self._files = files
         self._identities = _identities(files)
+        self._seen.clear()
 
     def _settling(self, now: FileSnapshot) -> str | None:
         """A file edited in place less than ``settle`` seconds ago, if any."""
@@ -139,8 +151,14 @@ class PolicyHolder:
                 status = os.stat(path)
             except OSError:
                 continue
-            same_file = self._identities.get(path) == (status.st_dev, status.st_ino)
-            if same_file and time.time() - status.st_mtime < self.settle:
+            if self._identities.get(path) != (status.st_dev, status.st_ino):
+                continue  # replaced, not edited: complete
+            seen = self._seen.get(path)
+            clock = time.monotonic()
+            if seen is None or seen[0] != content:
+                self._seen[path] = (content, clock)
+                return path
+            if clock - seen[1] < self.settle or time.time() - status.st_mtime < self.settle:
                 return path
         return None
 

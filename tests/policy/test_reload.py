@@ -80,6 +80,40 @@ def test_edit_in_place_is_picked_up_once_it_has_settled(policy_file: Path) -> No
     assert old.decide(Request("GET", "/x")).worker_class == "a"
 
 
+def test_a_truncation_that_leaves_the_mtime_old_still_settles(policy_file: Path) -> None:
+    """Caught between truncate and write, with the file's mtime not yet moved."""
+    holder = PolicyHolder(str(policy_file), settle=0.3)
+    old = holder.current.version
+    past = time.time() - 60
+
+    def rewrite(text: str) -> None:
+        with policy_file.open("r+") as handle:
+            handle.truncate(0)
+            handle.write(text)
+        os.utime(policy_file, (past, past))
+
+    rewrite("")
+    assert holder.reload().outcome == "settling"
+    rewrite(policy_text("b"))
+    assert holder.reload().outcome == "settling"  # new bytes: they settle anew
+    assert holder.reloads_failed == 0
+    time.sleep(0.35)
+    result = holder.reload()
+    assert result.outcome == "loaded" and result.version != old
+    assert routed(holder) == "b"
+    assert holder.reloads_failed == 0
+
+
+def test_an_empty_file_that_stays_empty_is_reported_once_settled(policy_file: Path) -> None:
+    holder = PolicyHolder(str(policy_file), settle=0.2)
+    policy_file.write_text("")
+    assert holder.reload().outcome == "settling"
+    time.sleep(0.25)
+    result = holder.reload()
+    assert result.outcome == "failed" and "empty" in result.errors[0]
+    assert holder.reload().outcome == "unchanged"  # reported once
+
+
 def test_atomic_rename_is_picked_up_at_once(policy_file: Path) -> None:
     holder = PolicyHolder(str(policy_file), settle=30)
     staged = policy_file.with_name("staged.yaml")
