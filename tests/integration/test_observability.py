@@ -100,26 +100,30 @@ def test_a_reload_counts_as_success_and_a_broken_edit_as_failure(
 ) -> None:
     path = stack.stack.policy
     good = path.read_text()
-    ok0 = metric(stack, "spoa_policy_reloads_total", result="success")
-    failed0 = metric(stack, "spoa_policy_reloads_total", result="failure")
-    path.write_text(good.replace("name: synapse-workers", "name: synapse-workers-edited"))
-    deadline = time.monotonic() + 10
-    while metric(stack, "spoa_policy_reloads_total", result="success") == ok0:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    version = load_policy(str(path)).version
-    assert metric(stack, "spoa_policy_info", version=version) == 1
-    assert metric(stack, "spoa_policy_last_reload_successful") == 1
+    try:
+        ok0 = metric(stack, "spoa_policy_reloads_total", result="success")
+        failed0 = metric(stack, "spoa_policy_reloads_total", result="failure")
+        path.write_text(good.replace("name: synapse-workers", "name: synapse-workers-edited"))
+        deadline = time.monotonic() + 10
+        while metric(stack, "spoa_policy_reloads_total", result="success") == ok0:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        version = load_policy(str(path)).version
+        assert metric(stack, "spoa_policy_info", version=version) == 1
+        assert metric(stack, "spoa_policy_last_reload_successful") == 1
+        # Written in place (truncated, then written): never tried half-written.
+        assert metric(stack, "spoa_policy_reloads_total", result="failure") == failed0
 
-    path.write_text(good.replace("class: synchrotron", "class: nowhere"))
-    while metric(stack, "spoa_policy_reloads_total", result="failure") == failed0:
-        assert time.monotonic() < deadline + 10
-        time.sleep(0.1)
-    assert metric(stack, "spoa_policy_info", version=version) == 1  # unchanged
-    assert metric(stack, "spoa_policy_last_reload_successful") == 0
-    status = get(agent_url(stack, "/"))
-    assert "The last edit was rejected" in status and "unknown class" in status
-    path.write_text(good)
+        path.write_text(good.replace("class: synchrotron", "class: nowhere"))
+        while metric(stack, "spoa_policy_reloads_total", result="failure") == failed0:
+            assert time.monotonic() < deadline + 10
+            time.sleep(0.1)
+        assert metric(stack, "spoa_policy_info", version=version) == 1  # unchanged
+        assert metric(stack, "spoa_policy_last_reload_successful") == 0
+        status = get(agent_url(stack, "/"))
+        assert "The last edit was rejected" in status and "unknown class" in status
+    finally:
+        path.write_text(good)  # the next tests start from the shipped policy
 
 
 def test_no_token_room_or_path_in_metrics_or_logs(stack: StackRunner[DemoStack]) -> None:
