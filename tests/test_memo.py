@@ -14,19 +14,19 @@ def test_remember_keeps_and_returns_the_value() -> None:
 
 
 def test_a_full_memo_empties_before_taking_a_new_key() -> None:
-    memo: Memo[int, int] = Memo(3)
+    memo: Memo[str, int] = Memo(3)
     for key in range(3):
-        memo.remember(key, key)
-    memo.remember(99, 99)
-    assert dict(memo) == {99: 99}
+        memo.remember(str(key), key)
+    memo.remember("99", 99)
+    assert dict(memo) == {"99": 99}
 
 
 def test_replacing_a_known_key_does_not_empty_a_full_memo() -> None:
-    memo: Memo[int, int] = Memo(2)
-    memo.remember(1, 1)
-    memo.remember(2, 2)
-    memo.remember(2, 20)
-    assert dict(memo) == {1: 1, 2: 20}
+    memo: Memo[str, int] = Memo(2)
+    memo.remember("1", 1)
+    memo.remember("2", 2)
+    memo.remember("2", 20)
+    assert dict(memo) == {"1": 1, "2": 20}
 
 
 def test_limit_zero_keeps_nothing() -> None:
@@ -38,13 +38,22 @@ def test_limit_zero_keeps_nothing() -> None:
 def test_a_negative_limit_is_refused() -> None:
     with pytest.raises(ValueError, match="0 or more"):
         Memo(-1)
+    with pytest.raises(ValueError, match="1 or more"):
+        Memo(4, max_key=0)
+
+
+def test_a_key_longer_than_max_key_is_answered_but_not_kept() -> None:
+    memo: Memo[str, str] = Memo(4, max_key=3)
+    assert memo.remember("abcd", "long") == "long"
+    assert memo.remember("abc", "short") == "short"
+    assert dict(memo) == {"abc": "short"}
 
 
 @given(st.integers(min_value=0, max_value=16), st.lists(st.integers(0, 40), max_size=200))
 def test_never_holds_more_than_the_limit(limit: int, keys: list[int]) -> None:
-    memo: Memo[int, int] = Memo(limit)
+    memo: Memo[bytes, int] = Memo(limit)
     for key in keys:
-        assert memo.remember(key, -key) == -key
+        assert memo.remember(bytes([key]), -key) == -key
         assert len(memo) <= limit
         if limit:
-            assert memo[key] == -key
+            assert memo[bytes([key])] == -key

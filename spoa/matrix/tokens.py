@@ -15,8 +15,9 @@ from ..memo import Memo
 from .query import percent_decode, query_value
 
 #: The localpart (or None) of each ``syt_`` token seen: clients send the same
-#: token with every request.
-_SYT_LOCALPARTS: Memo[str, str | None] = Memo(65536)
+#: token with every request. Synapse's tokens are well under 256 characters;
+#: longer ones are decoded each time, so a flood of them cannot fill memory.
+_SYT_LOCALPARTS: Memo[str, str | None] = Memo(65536, max_key=256)
 
 
 def access_token(auth: str | None, query: str | None) -> str | None:

@@ -139,7 +139,7 @@ class CompiledRule:
         #: Whether the user behind an opaque token is asked of a Users (whoami).
         self.resolves = False
         #: Decisions already made by this rule, by key source (bounded memo).
-        self.decisions: Memo[str, Decision] = Memo(memo_entries)
+        self.decisions: Memo[str, Decision] = Memo(memo_entries, MEMO_MAX_TEXT)
         #: The decision when the request gives no key (set by the policy).
         self.keyless: Decision | None = None
         self.labels: dict[str, tuple[str, str, str]] = {}
@@ -222,7 +222,7 @@ class CompiledPolicy:
         # Matching chains by path: many requests share a path (/sync,
         # /versions, /keys/query), and a chain does not depend on anything
         # else. Bounded; cleared when full.
-        self._chains: Memo[str, tuple[CompiledRule, ...]] = Memo(memo_entries)
+        self._chains: Memo[str, tuple[CompiledRule, ...]] = Memo(memo_entries, MEMO_MAX_TEXT)
         for rule in (*self.rules, self.default):
             rule.keyless = Decision(
                 rule.worker_class,
@@ -252,9 +252,7 @@ class CompiledPolicy:
                 break
             matcher = self._after[rule.index]
         result = tuple(chain)
-        if len(path) <= MEMO_MAX_TEXT:
-            self._chains.remember(path, result)
-        return result
+        return self._chains.remember(path, result)
 
     def match(self, method: str, path: str, query: str | None) -> CompiledRule:
         """The first rule that takes this request, or the default rule."""
@@ -308,9 +306,7 @@ class CompiledPolicy:
                 self.version,
                 rule.label(kind),
             )
-            if len(source) <= MEMO_MAX_TEXT:
-                memo.remember(source, decision)
-            return decision
+            return memo.remember(source, decision)
         except Exception:  # a bug; the request still gets routed
             worker_class = self.default.worker_class
             return Decision(

@@ -265,3 +265,15 @@ def test_no_extractor_raises(
 ) -> None:
     key = KEY_EXTRACTORS[kind](_Parts(path, query, auth, src))
     assert key is None or (isinstance(key[0], str) and isinstance(key[1], str))
+
+
+def test_a_long_syt_token_is_decoded_every_time_and_not_memoised() -> None:
+    from spoa.matrix.tokens import _SYT_LOCALPARTS
+
+    token = "syt_YWxpY2U_" + "x" * 300 + "_crc"
+    assert syt_localpart(token) == "alice"
+    assert syt_localpart(token) == "alice"
+    assert token not in _SYT_LOCALPARTS
+    short = "syt_YWxpY2U_abc_def"
+    assert syt_localpart(short) == "alice"
+    assert short in _SYT_LOCALPARTS

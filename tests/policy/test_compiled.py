@@ -257,3 +257,18 @@ def test_the_combined_dispatch_agrees_with_trying_each_rule_in_turn() -> None:
                         expected = rule.name
                         break
                 assert policy.match(method, path, query).name == expected, (method, path, query)
+
+
+def test_memos_keep_short_paths_and_key_sources_only() -> None:
+    from spoa.policy.compiled import MEMO_MAX_TEXT
+
+    policy = compile_policy(POLICY, "test.yaml")
+    uri_rule = next(rule for rule in policy.rules if rule.name == "uri")
+    short = "/k/uri/" + "s" * 10
+    long = "/k/uri/" + "l" * MEMO_MAX_TEXT
+    for path in (short, long):
+        first = policy.decide(Request("GET", path))
+        assert policy.decide(Request("GET", path)) == first
+    assert short in policy._chains and long not in policy._chains
+    assert short in uri_rule.decisions and long not in uri_rule.decisions
+    assert policy.decide(Request("GET", long)).key_source == long
