@@ -168,18 +168,23 @@ def compile_policy(
 
 
 def load_policy(
-    path: str, files: FileSnapshot | None = None, memo_entries: int = MEMO_ENTRIES
+    path: str,
+    files: FileSnapshot | None = None,
+    memo_entries: int = MEMO_ENTRIES,
+    content: bytes | None = None,
 ) -> CompiledPolicy:
     """Read and compile a policy file, its bases included.
 
     ``files`` receives the bytes of every file read (the policy's first), also
     when the policy has errors: what a later reload compares against.
+    ``content``, when given, is the policy file's bytes, already read.
     """
     files = {} if files is None else files
-    try:
-        content = read_file(path)
-    except PolicyError:
-        files[path] = None
-        raise
+    if content is None:
+        try:
+            content = read_file(path)
+        except PolicyError:
+            files[path] = None
+            raise
     files[path] = content
     return compile_policy(content, path, memo_entries, files)

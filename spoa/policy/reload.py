@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from .compiled import CompiledPolicy
 from .errors import PolicyError
-from .loader import FileSnapshot, compile_policy, load_policy, snapshot
+from .loader import FileSnapshot, load_policy, snapshot
 
 log = logging.getLogger("spoa.policy")
 
@@ -106,11 +106,8 @@ class PolicyHolder:
             content = now.get(self.path)
         files: FileSnapshot = {}
         try:
-            if content is None:  # forced, or unreadable (load_policy says why)
-                policy = load_policy(self.path, files)
-            else:
-                files[self.path] = content
-                policy = compile_policy(content, self.path, files=files)
+            # The bytes that settled; read afresh when forced or unreadable.
+            policy = load_policy(self.path, files, content=content)
         except PolicyError as exc:
             self._remember(files)
             return self._failed(tuple(str(e) for e in exc.errors))
@@ -143,7 +140,9 @@ class PolicyHolder:
         self._seen.clear()
 
     def _settling(self, now: FileSnapshot) -> str | None:
-        """A file edited in place less than ``settle`` seconds ago, if any."""
+        """A file edited in place whose new bytes have not settled yet, if any."""
+        waiting = None
+        clock = time.monotonic()
         for path, content in now.items():
             if content == self._files.get(path) or self.settle <= 0:
                 continue
@@ -154,13 +153,11 @@ class PolicyHolder:
             if self._identities.get(path) != (status.st_dev, status.st_ino):
                 continue  # replaced, not edited: complete
             seen = self._seen.get(path)
-            clock = time.monotonic()
             if seen is None or seen[0] != content:
-                self._seen[path] = (content, clock)
-                return path
+                self._seen[path] = seen = (content, clock)
             if clock - seen[1] < self.settle or time.time() - status.st_mtime < self.settle:
-                return path
-        return None
+                waiting = waiting or path
+        return waiting
 
     def _failed(self, errors: tuple[str, ...]) -> ReloadResult:
         self.reloads_failed += 1
