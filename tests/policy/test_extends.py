@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -177,6 +178,24 @@ def test_an_edit_of_the_base_reloads_the_policy_built_on_it(tmp_path: Path) -> N
     assert any("base.yaml" in e and "unknown class 'nope'" in e for e in result.errors)
     assert holder.reload().outcome == "unchanged"  # a rejected content is tried once
     assert holder.current.decide(Request("GET", "/_media/x")).rule == "media"
+
+
+def test_a_policy_and_its_base_edited_together_settle_together(tmp_path: Path) -> None:
+    base = write(tmp_path, "base.yaml", BASE)
+    site = write(tmp_path, "site.yaml", "version: 1\nextends: ./base.yaml\n")
+    holder = PolicyHolder(str(site), settle=0.3)
+    for path, text in (
+        (base, BASE.replace("'^/media/'", "'^/_media/'")),
+        (site, "version: 1\nextends: ./base.yaml\nseed: 9\n"),
+    ):
+        with path.open("r+") as handle:  # in place: both wait to settle
+            handle.truncate(0)
+            handle.write(text)
+    assert holder.reload().outcome == "settling"
+    time.sleep(0.35)
+    assert holder.reload().outcome == "loaded"  # one settle for both, not one each
+    assert holder.current.decide(Request("GET", "/_media/x")).rule == "media"
+    assert holder.current.seed == 9
 
 
 # -- errors, each with its file, line and YAML path ---------------------------------------
