@@ -4,7 +4,8 @@ It lets the shipped HAProxy configuration discover demo workers exactly as it
 discovers Kubernetes pods behind a headless service: ``server-template`` with
 ``resolvers`` asking for ``_http._tcp.<class>.<zone>`` SRV records, whose
 targets resolve to addresses (sent along as additional records). Only what
-HAProxy asks is answered; everything else gets NXDOMAIN.
+HAProxy asks is answered; everything else gets NXDOMAIN. A name may also hold
+several A records, as a compose service with replicas does.
 """
 
 from __future__ import annotations
@@ -45,19 +46,27 @@ def _read_name(data: bytes, pos: int) -> tuple[str, int]:
 
 
 class Zone:
-    """SRV names -> (target, port) lists; target names -> IPv4 addresses."""
+    """SRV names -> (target, port) lists; names -> IPv4 addresses.
+
+    Records are answered in the order they were set: a test gives each
+    router's DNS its own order.
+    """
 
     def __init__(self) -> None:
         self.srv: dict[str, list[tuple[str, int]]] = {}
-        self.a: dict[str, str] = {}
+        self.a: dict[str, list[str]] = {}
 
     def set_service(self, name: str, endpoints: Iterable[tuple[str, str, int]]) -> None:
         """Publish ``name`` as SRV records of ``(target, address, port)``."""
         records = []
         for target, address, port in endpoints:
             records.append((target.lower(), port))
-            self.a[target.lower()] = address
+            self.a[target.lower()] = [address]
         self.srv[name.lower()] = records
+
+    def set_addresses(self, name: str, addresses: Iterable[str]) -> None:
+        """Publish ``name`` as A records, one per address (none: no records, not NXDOMAIN)."""
+        self.a[name.lower()] = list(addresses)
 
     def answer(self, query: bytes) -> bytes | None:
         """The response to one query packet, or None for garbage."""
@@ -76,9 +85,11 @@ class Zone:
             for target, port in self.srv[name]:
                 rdata = struct.pack(">HHH", 0, 10, port) + _encode_name(target)
                 answers.append(self._record(name, _TYPE_SRV, rdata))
-                extra.append(self._record(target, _TYPE_A, socket.inet_aton(self.a[target])))
+                for address in self.a.get(target, []):
+                    extra.append(self._record(target, _TYPE_A, socket.inet_aton(address)))
         elif qtype == _TYPE_A and name in self.a:
-            answers.append(self._record(name, _TYPE_A, socket.inet_aton(self.a[name])))
+            for address in self.a[name]:
+                answers.append(self._record(name, _TYPE_A, socket.inet_aton(address)))
         known = name in self.srv or name in self.a
         rcode = 0 if known else 3  # NXDOMAIN for names we do not serve
         flags = 0x8400 | rcode  # response, authoritative
