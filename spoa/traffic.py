@@ -262,3 +262,72 @@ def generate(count: int, deployment: Deployment | None = None) -> Iterator[Traff
         yield TrafficRequest(
             kind, *_KINDS[kind](_Draw(d, rng, user, token, bearer, src, room, txn))
         )
+
+
+#: The kinds of key :func:`one_per_key` makes requests for.
+KEYED_KINDS = ("user", "room", "origin")
+
+
+def one_per_key(key_kind: str, count: int, seed: int = 1) -> list[TrafficRequest]:
+    """``count`` requests, each with a key of its own: users' incremental syncs (``user``),
+    messages sent into rooms (``room``) or inbound transactions from remote servers
+    (``origin``). The same requests for the same seed."""
+    if key_kind not in KEYED_KINDS:
+        raise ValueError(f"no requests for key kind {key_kind!r}; one of {KEYED_KINDS}")
+    d = Deployment(
+        users=count if key_kind == "user" else 1,
+        rooms=count if key_kind == "room" else 0,
+        remotes=0,
+        seed=seed,
+    )
+    src = "192.0.2.1"
+    if key_kind == "user":
+        return [
+            TrafficRequest(
+                "sync",
+                "GET",
+                "/_matrix/client/v3/sync",
+                f"since=s{n}_1&timeout=30000",
+                {"Authorization": f"Bearer {token}"},
+                src,
+            )
+            for n, (_, token) in enumerate(d.tokens)
+        ]
+    bearer = {"Authorization": f"Bearer {d.tokens[0][1]}"}
+    if key_kind == "room":
+        return [
+            TrafficRequest(
+                "send",
+                "PUT",
+                f"/_matrix/client/v3/rooms/{_encode_room(room, d.rng)}/send/m.room.message/m{n}",
+                None,
+                bearer,
+                src,
+            )
+            for n, room in enumerate(d.room_ids)
+        ]
+    # Server names as federation sees them: most bare, some with a port,
+    # a few IPv6 literals.
+    origins = []
+    for n in range(count):
+        label = f"hs{d.rng.getrandbits(40):010x}"
+        if n % 50 == 7:
+            origins.append(f"[2001:db8::{label[2:6]}:{label[6:10]}]:8448")
+        elif n % 10 == 3:
+            origins.append(f"matrix.{label}.example:8448")
+        else:
+            origins.append(f"{label}.example")
+    return [
+        TrafficRequest(
+            "federation_send",
+            "PUT",
+            f"/_matrix/federation/v1/send/{n}",
+            None,
+            {
+                "Authorization": f'X-Matrix origin="{origin}",destination="{d.server_name}",'
+                'key="ed25519:a",sig="c2ln"'
+            },
+            f"203.0.113.{1 + n % 254}",
+        )
+        for n, origin in enumerate(origins)
+    ]

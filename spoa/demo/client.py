@@ -21,22 +21,43 @@ class Outcome:
     address: str = ""
 
 
-def send(
-    port: int,
-    request: TrafficRequest,
-    host: str = "127.0.0.1",
-    source: str | None = None,
-    timeout: float = 10.0,
-) -> Outcome:
-    """One request; the worker is what the demo worker says it is."""
-    conn = http.client.HTTPConnection(
-        host, port, timeout=timeout, source_address=(source, 0) if source else None
-    )
-    try:
-        body = b"{}" if request.method in ("PUT", "POST") else None
-        conn.request(request.method, request.target, body=body, headers=request.headers)
-        response = conn.getresponse()
-        text = response.read()
+class Client:
+    """Requests one after another on one keep-alive connection, opened again when closed.
+
+    A request on a connection starts only once HAProxy has finished the one
+    before: nothing of this client is still in flight on a server when the
+    next request is balanced (bounded-load hashing counts what is).
+    """
+
+    def __init__(
+        self,
+        port: int,
+        host: str = "127.0.0.1",
+        source: str | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self.port, self.host, self.source, self.timeout = port, host, source, timeout
+        self._conn: http.client.HTTPConnection | None = None
+
+    def send(self, request: TrafficRequest) -> Outcome:
+        """One request; the worker is what the demo worker says it is."""
+        if self._conn is None:
+            self._conn = http.client.HTTPConnection(
+                self.host,
+                self.port,
+                timeout=self.timeout,
+                source_address=(self.source, 0) if self.source else None,
+            )
+        try:
+            body = b"{}" if request.method in ("PUT", "POST") else None
+            self._conn.request(request.method, request.target, body=body, headers=request.headers)
+            response = self._conn.getresponse()
+            text = response.read()
+            if response.will_close:
+                self.close()
+        except (OSError, http.client.HTTPException):
+            self.close()
+            return Outcome(request, 0, "", "")
         worker = response.getheader("X-Served-By", "")
         worker_class = ""
         if response.getheader("Content-Type", "").startswith("application/json"):
@@ -49,10 +70,26 @@ def send(
             worker_class = worker.rsplit("-", 1)[0]
         address = response.getheader("X-Served-Address", "")
         return Outcome(request, response.status, worker, worker_class, address)
-    except (OSError, http.client.HTTPException):
-        return Outcome(request, 0, "", "")
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def send(
+    port: int,
+    request: TrafficRequest,
+    host: str = "127.0.0.1",
+    source: str | None = None,
+    timeout: float = 10.0,
+) -> Outcome:
+    """One request on a connection of its own."""
+    client = Client(port, host, source, timeout)
+    try:
+        return client.send(request)
     finally:
-        conn.close()
+        client.close()
 
 
 def send_all(
