@@ -71,6 +71,20 @@ def haproxy_binary() -> str:
     return found
 
 
+def haproxy_version() -> str:
+    """The version of :func:`haproxy_binary`, as ``haproxy -v`` prints it (``2.6.12-1+deb12u4``)."""
+    out = subprocess.run([haproxy_binary(), "-v"], capture_output=True, text=True, check=True)
+    return out.stdout.split()[2]
+
+
+def haproxy_at_least(major: int, minor: int) -> bool:
+    """Whether :func:`haproxy_binary` is version ``major.minor`` or later."""
+    numbers = re.match(r"(\d+)\.(\d+)", haproxy_version())
+    if numbers is None:
+        raise StackError(f"cannot read HAProxy's version from {haproxy_version()!r}")
+    return (int(numbers.group(1)), int(numbers.group(2))) >= (major, minor)
+
+
 def stop_process(
     proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, timeout: float = 10.0
 ) -> None:
@@ -88,6 +102,11 @@ def stop_process(
 def service_name(worker_class: str) -> str:
     """The SRV name a class's workers are published under."""
     return f"_http._tcp.{worker_class.replace('_', '-')}.{ZONE}"
+
+
+def pod_name(worker: str) -> str:
+    """The DNS name a worker is published under (an SRV target)."""
+    return f"{worker.replace('_', '-')}.{ZONE}"
 
 
 def env_name(worker_class: str) -> str:
@@ -118,6 +137,11 @@ class Router:
     #: HOST:PORT of the main process.
     main_address: str = ""
     zone: Zone = field(default_factory=Zone)
+    #: SYNAPSE_<CLASS> for the classes not found by their SRV name: HOST:PORT,
+    #: a name whose A records are the workers (as compose publishes replicas).
+    worker_names: dict[str, str] = field(default_factory=dict)
+    #: More of HAProxy's environment (SPOA_ADMIN_SOCKET, ...).
+    environment: dict[str, str] = field(default_factory=dict)
     agent: subprocess.Popen[bytes] | None = None
     haproxy: subprocess.Popen[bytes] | None = None
     classes: tuple[str, ...] = ()
@@ -140,9 +164,13 @@ class Router:
 
     def publish(self, worker_class: str, endpoints: list[tuple[str, int]]) -> None:
         """Publish a class's workers, ``(name, port)`` on 127.0.0.1, as SRV records."""
+        self.publish_at(worker_class, [(name, "127.0.0.1", port) for name, port in endpoints])
+
+    def publish_at(self, worker_class: str, endpoints: list[tuple[str, str, int]]) -> None:
+        """Publish a class's workers, ``(name, address, port)``, as SRV records, in that order."""
         self.zone.set_service(
             service_name(worker_class),
-            [(f"{name.replace('_', '-')}.{ZONE}", "127.0.0.1", port) for name, port in endpoints],
+            [(pod_name(name), address, port) for name, address, port in endpoints],
         )
 
     def start_agent(self) -> None:
@@ -184,7 +212,10 @@ class Router:
         env["SPOA_FALLBACK_TABLE"] = str(self.fallback_table)
         for worker_class in self.classes:
             if worker_class != "main":
-                env[env_name(worker_class)] = service_name(worker_class)
+                env[env_name(worker_class)] = self.worker_names.get(
+                    worker_class, service_name(worker_class)
+                )
+        env.update(self.environment)
         return env
 
     def start_haproxy(self) -> None:

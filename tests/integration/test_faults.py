@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import time
 from datetime import datetime
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from spoa.demo.load import Load, Sample, over
-from spoa.demo.stack import haproxy_binary
+from spoa.demo.stack import haproxy_version
 from spoa.traffic import Deployment, TrafficRequest, generate
 from tests.integration.stack_runner import log_fields, running_stack
 
@@ -29,11 +28,6 @@ ROOT = Path(__file__).resolve().parents[2]
 POLICY = ROOT / "policies" / "synapse-workers.yaml"
 RATE = 1000
 SLOW_MS = 90
-
-
-def haproxy_version() -> str:
-    out = subprocess.run([haproxy_binary(), "-v"], capture_output=True, text=True, check=True)
-    return out.stdout.split()[2]
 
 
 def requests() -> list[TrafficRequest]:
