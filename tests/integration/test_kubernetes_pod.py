@@ -30,9 +30,12 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
+from spoa.demo.client import Client
 from spoa.demo.dns import Zone, serve_dns
-from spoa.demo.stack import haproxy_binary, stop_process
+from spoa.demo.fleet import HASHED
+from spoa.demo.stack import haproxy_at_least, haproxy_binary, haproxy_version, stop_process
 from spoa.demo.workers import DemoWorker, WorkerSpec
+from spoa.traffic import one_per_key
 from tests.integration.harness import wait_until
 from tests.k8s_render import container, kustomize, one, pod_spec
 
@@ -66,6 +69,8 @@ class Cluster:
     main_ip: str
     zone: Zone = field(default_factory=Zone)
     workers: dict[str, list[DemoWorker]] = field(default_factory=dict)
+    #: Pods made so far per class: a new pod never takes an old one's name.
+    born: dict[str, int] = field(default_factory=dict)
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
 
     def __post_init__(self) -> None:
@@ -89,16 +94,19 @@ class Cluster:
 
     def add(self, worker_class: str, host: str | None = None, port: int = 0) -> DemoWorker:
         workers = self.workers.setdefault(worker_class, [])
-        spec = WorkerSpec(
-            f"{worker_class}-{len(workers) + 1}", worker_class, host or self.host_ip, port
+        self.born[worker_class] = self.born.get(worker_class, 0) + 1
+        name = f"{worker_class}-{self.born[worker_class]}"
+        worker = self.call(
+            DemoWorker(WorkerSpec(name, worker_class, host or self.host_ip, port)).start()
         )
-        worker = self.call(DemoWorker(spec).start())
         workers.append(worker)
         return worker
 
-    def remove(self, worker_class: str) -> None:
-        worker = self.workers[worker_class].pop()
-        self.call(worker.stop())
+    def remove(self, worker_class: str, worker: DemoWorker | None = None) -> None:
+        """Delete a pod (the newest by default) and its DNS records."""
+        workers = self.workers[worker_class]
+        gone = workers.pop() if worker is None else workers.pop(workers.index(worker))
+        self.call(gone.stop())
         self.publish(worker_class)
 
     def close(self) -> None:
@@ -241,40 +249,108 @@ def layout_volumes(pod: Pod) -> None:
             write_configmap(target, files, 1)
 
 
-@pytest.fixture(scope="module")
-def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pod, Cluster]]:
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("a pod's network namespace needs root and iproute2")
-    documents = kustomize(ROOT / "deploy" / "kubernetes")
-    tag = f"{random.randrange(16**4):04x}"
-    namespace, subnet = f"spoa-pod-{tag}", f"10.213.{random.randrange(1, 250)}"
-    host_ip, pod_ip, main_ip = f"{subnet}.1", f"{subnet}.2", f"{subnet}.3"
-    netns_etc = Path("/etc/netns") / namespace
-    root = tmp_path_factory.mktemp("pod")
-    cluster: Cluster | None = None
-    pod = Pod(namespace, pod_ip, root, documents)
-    try:
+@dataclass
+class Network:
+    """The cluster network: a bridge for the host (DNS, Synapse's pods) and the router pods.
+
+    Each router pod has a network namespace of its own, a veth on the bridge,
+    and the resolv.conf the kubelet writes (``/etc/netns/<namespace>``).
+    """
+
+    tag: str
+    subnet: str
+    namespaces: list[str] = field(default_factory=list)
+
+    @property
+    def bridge(self) -> str:
+        return f"spk{self.tag}b"
+
+    def host(self, n: int) -> str:
+        return f"{self.subnet}.{n}"
+
+    def create(self) -> None:
+        _ip("link", "add", self.bridge, "type", "bridge")
+        _ip("link", "set", self.bridge, "up")
+
+    def add_address(self, n: int) -> str:
+        """An address of the host side (the cluster DNS, a Synapse pod)."""
+        _ip("addr", "add", f"{self.host(n)}/24", "dev", self.bridge)
+        return self.host(n)
+
+    def attach(self, n: int, dns: str) -> tuple[str, str]:
+        """A router pod's namespace at address ``n``: its name and address."""
+        namespace, outside, inside = f"spoa-pod-{self.tag}-{n}", f"spk{self.tag}{n}h", "eth0"
+        self.namespaces.append(namespace)
         _ip("netns", "add", namespace)
-        _ip("link", "add", f"spk{tag}h", "type", "veth", "peer", "name", f"spk{tag}p")
-        _ip("link", "set", f"spk{tag}p", "netns", namespace)
-        _ip("addr", "add", f"{host_ip}/29", "dev", f"spk{tag}h")
-        _ip("addr", "add", f"{main_ip}/29", "dev", f"spk{tag}h")
-        _ip("link", "set", f"spk{tag}h", "up")
-        _ip("-n", namespace, "addr", "add", f"{pod_ip}/29", "dev", f"spk{tag}p")
-        _ip("-n", namespace, "link", "set", f"spk{tag}p", "up")
+        _ip("link", "add", outside, "type", "veth", "peer", "name", f"spk{self.tag}{n}p")
+        _ip("link", "set", f"spk{self.tag}{n}p", "netns", namespace)
+        _ip("-n", namespace, "link", "set", f"spk{self.tag}{n}p", "name", inside)
+        _ip("link", "set", outside, "master", self.bridge, "up")
+        _ip("-n", namespace, "addr", "add", f"{self.host(n)}/24", "dev", inside)
+        _ip("-n", namespace, "link", "set", inside, "up")
         _ip("-n", namespace, "link", "set", "lo", "up")
         # What the kubelet writes into a pod: the cluster DNS and its search path.
-        netns_etc.mkdir(parents=True, exist_ok=True)
-        (netns_etc / "resolv.conf").write_text(
-            f"nameserver {host_ip}\nsearch {DOMAIN} svc.cluster.local cluster.local\n"
-            "options ndots:5\n"
+        etc = Path("/etc/netns") / namespace
+        etc.mkdir(parents=True, exist_ok=True)
+        (etc / "resolv.conf").write_text(
+            f"nameserver {dns}\nsearch {DOMAIN} svc.cluster.local cluster.local\noptions ndots:5\n"
         )
+        return namespace, self.host(n)
+
+    def delete(self) -> None:
+        for namespace in self.namespaces:
+            subprocess.run(["ip", "netns", "delete", namespace], capture_output=True, check=False)
+            shutil.rmtree(Path("/etc/netns") / namespace, ignore_errors=True)
+        subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True, check=False)
+
+
+def start_pod(
+    network: Network, n: int, dns: str, documents: list[dict[str, Any]], root: Path
+) -> Pod:
+    """A router pod of the rendered manifests at address ``n``, its agent and HAProxy up."""
+    namespace, ip = network.attach(n, dns)
+    pod = Pod(namespace, ip, root, documents)
+    layout_volumes(pod)
+    pod.start("agent", str(SPOA))
+    pod.start("haproxy", haproxy_binary())
+    agent_port = pod.port("agent", "agent-http")
+    wait_until(lambda: pod.get(agent_port, "/healthz")[0] == 200, 30, "the agent's /healthz")
+    wait_until(lambda: pod.servers_up("be_spoa") == 1, 30, "HAProxy to have its agent UP")
+    return pod
+
+
+def stop_pod(pod: Pod) -> None:
+    for proc in pod.procs.values():
+        stop_process(proc)
+
+
+@pytest.fixture(scope="module")
+def network() -> Iterator[Network]:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("a pod's network namespace needs root and iproute2")
+    network = Network(f"{random.randrange(16**4):04x}", f"10.213.{random.randrange(1, 250)}")
+    try:
+        network.create()
+        yield network
+    finally:
+        network.delete()
+
+
+@pytest.fixture(scope="module")
+def pod(
+    network: Network, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Pod, Cluster]]:
+    documents = kustomize(ROOT / "deploy" / "kubernetes")
+    host_ip, main_ip = network.add_address(1), network.add_address(3)
+    cluster: Cluster | None = None
+    pod: Pod | None = None
+    try:
         cluster = Cluster(host_ip, main_ip)
         dns, _ = cluster.call(serve_dns(cluster.zone, host_ip, 53))
         # Synapse's pods: main behind synapse-main (its port is in the HAProxy
         # environment), one worker per class behind its headless Service.
         main = cluster.add("main", main_ip, 8008)
-        cluster.zone.a[f"synapse-main.{DOMAIN}"] = main_ip
+        cluster.zone.set_addresses(f"synapse-main.{DOMAIN}", [main_ip])
         for c in (d["metadata"]["name"] for d in documents if d["kind"] == "Service"):
             if c.startswith("synapse-") and c != "synapse-main":
                 worker_class = next(
@@ -285,26 +361,19 @@ def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pod, Cluster
                 cluster.add(worker_class)
                 cluster.publish(worker_class)
         assert main.port == 8008
-        layout_volumes(pod)
-        pod.start("agent", str(SPOA))
-        pod.start("haproxy", haproxy_binary())
-        agent_port = pod.port("agent", "agent-http")
-        wait_until(lambda: pod.get(agent_port, "/healthz")[0] == 200, 30, "the agent's /healthz")
+        pod = start_pod(network, 2, host_ip, documents, tmp_path_factory.mktemp("pod"))
         wait_until(
-            lambda: pod.servers_up("be_synchrotron") == 1 and pod.servers_up("be_spoa") == 1,
+            lambda: pod is not None and pod.servers_up("be_synchrotron") == 1,
             30,
-            "HAProxy to find its workers through DNS and the agent UP",
+            "HAProxy to find its workers through DNS",
         )
         yield pod, cluster
         dns.close()
     finally:
-        for proc in pod.procs.values():
-            stop_process(proc)
+        if pod is not None:
+            stop_pod(pod)
         if cluster is not None:
             cluster.close()
-        subprocess.run(["ip", "netns", "delete", namespace], capture_output=True, check=False)
-        subprocess.run(["ip", "link", "delete", f"spk{tag}h"], capture_output=True, check=False)
-        shutil.rmtree(netns_etc, ignore_errors=True)
 
 
 def route(pod: Pod, method: str, path: str) -> tuple[int, dict[str, Any], dict[str, str]]:
@@ -394,6 +463,116 @@ def test_a_configmap_update_of_the_policy_reaches_the_agent(pod: tuple[Pod, Clus
         "the agent to apply the updated ConfigMap",
     )
     assert route(p, "GET", profile)[2]["rule"] == "profile_reads"
+
+
+HASHED_SAMPLES = {
+    worker_class: one_per_key(kind, 100, seed=24) for worker_class, kind in HASHED.items()
+}
+
+
+def placement(pod: Pod) -> dict[str, list[str]]:
+    """The worker address each request of :data:`HASHED_SAMPLES` reached through ``pod``."""
+    placed: dict[str, list[str]] = {}
+    for worker_class, requests in HASHED_SAMPLES.items():
+        # One at a time on one connection: bounded load never moves a key.
+        client = Client(pod.port("haproxy", "http"), pod.ip)
+        try:
+            outcomes = [client.send(r) for r in requests]
+        finally:
+            client.close()
+        assert {(o.status, o.worker_class) for o in outcomes} == {(200, worker_class)}
+        placed[worker_class] = [o.address for o in outcomes]
+    return placed
+
+
+def slot_addresses(pod: Pod, worker_class: str, up: bool = False) -> dict[str, str]:
+    """The address each server slot of ``be_<worker_class>`` holds (empty slots left out;
+    with ``up``, only the slots UP)."""
+    status, _, body = pod.get(pod.port("haproxy", "stats"), "/stats;csv")
+    if status != 200:
+        return {}
+    rows = csv.DictReader(io.StringIO(body.decode().lstrip("# ")))
+    return {
+        row["svname"]: row["addr"]
+        for row in rows
+        if row["pxname"] == f"be_{worker_class}"
+        and row["svname"].startswith("w")
+        and row["addr"]
+        and (not up or row["status"].startswith("UP"))
+    }
+
+
+def follows(pod: Pod, cluster: Cluster, strictly: bool = False) -> bool:
+    """Whether ``pod`` has the hashed classes' running workers UP (``strictly``: those
+    only, and no slot left holding a deleted one)."""
+    for worker_class in HASHED:
+        running = {f"{w.spec.host}:{w.port}" for w in cluster.workers[worker_class]}
+        up = set(slot_addresses(pod, worker_class, up=True).values())
+        if not strictly and not running <= up:
+            return False
+        if strictly and not up == set(slot_addresses(pod, worker_class).values()) == running:
+            return False
+    return True
+
+
+def test_a_second_router_pod_started_after_a_rolling_restart_routes_every_key_as_the_first(
+    pod: tuple[Pod, Cluster], network: Network, tmp_path: Path
+) -> None:
+    first, cluster = pod
+    # Four pods a class on addresses of their own, as a Deployment's pods have.
+    hosts = iter(range(10, 250))
+    for worker_class in HASHED:
+        for _ in range(4):
+            cluster.add(worker_class, network.add_address(next(hosts)), 8008)
+        cluster.publish(worker_class)
+    wait_until(
+        lambda: follows(first, cluster, strictly=True), 30, "the first router to find the pods"
+    )
+    # A rolling restart the first router lives through: a new pod per class,
+    # UP, then an old one deleted, until none is left.
+    for _ in range(len(cluster.workers["synchrotron"])):
+        old = {c: cluster.workers[c][0] for c in HASHED}
+        for worker_class in HASHED:
+            cluster.add(worker_class, network.add_address(next(hosts)), 8008)
+            cluster.publish(worker_class)
+        wait_until(lambda: follows(first, cluster), 30, "the new pods UP")
+        for worker_class, worker in old.items():
+            cluster.remove(worker_class, worker)
+    wait_until(
+        lambda: follows(first, cluster, strictly=True),
+        40,
+        "the first router to free the slots of the deleted pods (hold obsolete)",
+    )
+    second = start_pod(network, 4, cluster.host_ip, first.documents, tmp_path / "second")
+    try:
+        wait_until(
+            lambda: follows(second, cluster, strictly=True),
+            30,
+            "the second router to find the pods",
+        )
+        assert any(slot_addresses(first, c) != slot_addresses(second, c) for c in HASHED), (
+            "both routers hold the pods in the same slots: the histories did not diverge"
+        )
+        expected = placement(first)
+        by_agent = placement(second)
+        second.procs["agent"].kill()
+        second.procs["agent"].wait(10)
+        wait_until(lambda: second.servers_up("be_spoa") == 0, 15, "its agent DOWN")
+        by_fallback = placement(second)
+        # On every version a router's fallback places keys where its agent does.
+        assert by_fallback == by_agent
+        if not haproxy_at_least(3, 0):
+            met = {
+                c: sum(a == b for a, b in zip(expected[c], by_agent[c], strict=True))
+                for c in HASHED
+            }
+            pytest.xfail(
+                f"HAProxy {haproxy_version()} has no hash-key: after a rolling restart, keys "
+                f"of 100 on the same pod through both routers: {met}"
+            )
+        assert by_agent == expected
+    finally:
+        stop_pod(second)
 
 
 def test_the_agent_killed_in_the_pod_leaves_routing_to_the_fallback(
