@@ -6,7 +6,8 @@ of remote servers on the inbound federation workers), through real HAProxy
 with the agent, one configuration and one kind of discovery at a time:
 
   balance   N workers a class, K keys a class, one request each: the keys of
-            the busiest and the idlest worker against the mean
+            the busiest and the idlest worker against the mean, on S sets of pod
+            addresses (the median and the worst)
   moves     the share of keys that land on another worker after one pod is
             added, one removed, and one restarted on a new address, against
             the first placement (consistent hashing moves about 1/N)
@@ -22,7 +23,7 @@ key and only the ring decides. Configurations: the shipped haproxy.cfg, and
 with ``--git REV`` the haproxy.cfg of that revision too (before/after).
 
 Usage:
-    python bench/balance.py [--workers 8] [--keys 40000] [--discovery srv,a]
+    python bench/balance.py [--workers 8] [--keys 40000] [--sets 3] [--discovery srv,a]
                             [--git REV] [--config FILE ...] [--haproxy PATH]
 """
 
@@ -38,8 +39,6 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,13 +150,12 @@ def runtime_api(socket_path: Path, command: str) -> str:
     return b"".join(chunks).decode()
 
 
-@contextmanager
-def configuration(config: Path, workdir: Path) -> Iterator[Path]:
+def configuration(config: Path, workdir: Path, n: int) -> Path:
     """A directory laid out as haproxy/, with ``config`` as its haproxy.cfg."""
-    directory = workdir / f"conf-{config.parent.name}-{config.stem}"
+    directory = workdir / f"conf-{n}"
     shutil.copytree(ROOT / "haproxy", directory)
     shutil.copy(config, directory / "haproxy.cfg")
-    yield directory
+    return directory
 
 
 def measure(
@@ -165,6 +163,7 @@ def measure(
     conf: Path,
     discovery: Discovery,
     workers: int,
+    sets: int,
     requests: dict[str, list[TrafficRequest]],
     workdir: Path,
     stand_in_port: int,
@@ -197,12 +196,27 @@ def measure(
             f"{len(next(iter(requests.values())))} keys a class; server weight {weights}; "
             f"HAProxy up in {time.monotonic() - started:.1f} s, {rss_mib(pid):.1f} MiB resident"
         )
-        first = place(router, requests)
-        for worker_class, addresses in first.items():
-            high, low = balance(addresses, fleet.pods[worker_class])
+        # With hash-key addr-port every set of pod addresses makes another
+        # ring: the balance of several sets, each pod replaced by one on a new
+        # address (with hash-key id, the slots make the same ring each time).
+        figures: dict[str, list[tuple[float, float]]] = {c: [] for c in HASHED}
+        for n in range(sets):
+            if n:
+                for pod in [p for c in HASHED for p in list(fleet.pods[c])]:
+                    fleet.replace_pod(pod)
+                fleet.show(router)
+                fleet.wait_settled(router)
+            first = place(router, requests)
+            for worker_class, addresses in first.items():
+                figures[worker_class].append(balance(addresses, fleet.pods[worker_class]))
+        for worker_class, found in figures.items():
+            highs = sorted(high for high, _ in found)
+            lows = sorted(low for _, low in found)
             print(
                 f"  balance {worker_class:19} ({HASHED[worker_class]:6}) "
-                f"max/mean {high:.3f}  min/mean {low:.3f}"
+                f"max/mean {highs[len(highs) // 2]:.3f} (worst {highs[-1]:.3f})  "
+                f"min/mean {lows[len(lows) // 2]:.3f} (worst {lows[0]:.3f})"
+                + (f"  medians of {sets} sets of addresses" if sets > 1 else "")
             )
 
         def moves(what: str, ideal: str, since: dict[str, list[str]]) -> dict[str, list[str]]:
@@ -269,6 +283,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=8, help="pods a class (at most 8)")
     parser.add_argument("--keys", type=int, default=40000, help="keys a class")
+    parser.add_argument(
+        "--sets", type=int, default=3, help="sets of pod addresses the balance is measured on"
+    )
     parser.add_argument("--discovery", default="srv,a", help="srv, a, or both (srv,a)")
     parser.add_argument("--git", metavar="REV", help="also haproxy/haproxy.cfg as of REV")
     parser.add_argument("--config", metavar="FILE", action="append", default=[])
@@ -313,10 +330,10 @@ def main() -> int:
             f"balance: HAProxy {haproxy_version()}; load average "
             + " ".join(f"{x:.2f}" for x in os.getloadavg())
         )
-        for label, config in configs:
+        for n, (label, config) in enumerate(configs):
+            conf = configuration(config, workdir, n)
             for discovery in discoveries:
-                with configuration(config, workdir) as conf:
-                    measure(label, conf, discovery, args.workers, requests, workdir, port)
+                measure(label, conf, discovery, args.workers, args.sets, requests, workdir, port)
         return 0
     finally:
         stop_process(stand_in)
