@@ -71,7 +71,12 @@ def test_after_a_stall_of_the_agent_no_request_waits_for_it_within_3_seconds(
             f"first 3 s after {first}, then {slow_after} of {after}"
         )
         assert after > 3000
-        assert slow_after == 0
+        # The failure this guards against left three requests in four waiting
+        # timeout processing after the stall, for good. A loaded machine
+        # delays a few requests whatever the agent does: no more after the
+        # stall than before it (the same load, over 4 s) is no blocked
+        # connection.
+        assert slow_after <= 2 * before + 2, (slow_after, before)
         assert all(200 <= s.status < 300 for s in samples)
         assert "Traceback" not in (runner.stack.workdir / "agent.log").read_text()
 
