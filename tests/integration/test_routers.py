@@ -161,15 +161,18 @@ class TestRoutersThatLearnedThePodsTogether:
         fleet.wait(on_fallback, lambda: not fleet.agent_up(on_fallback), "its agent DOWN")
         mark = log_size(on_fallback)
         placements = [place(listed), place(on_fallback)]
-        # HAProxy logs a request once it has answered it.
+        assert shares(placements) == {c: 1.0 for c in HASHED}
+        # HAProxy logs a request once it has answered it, and drops a line
+        # now and then when two threads log at once (its DroppedLogs).
+        sent = KEYS * len(HASHED)
         fleet.wait(
             on_fallback,
-            lambda: sum(via(on_fallback, mark).values()) >= KEYS * len(HASHED),
-            "a log line for every request",
+            lambda: sum(via(on_fallback, mark).values()) >= sent * 0.98,
+            "a log line for the requests",
             timeout=10,
         )
-        assert via(on_fallback, mark) == {"agent": 0, "fallback": KEYS * len(HASHED), "-": 0}
-        assert shares(placements) == {c: 1.0 for c in HASHED}
+        logged = via(on_fallback, mark)
+        assert (logged["agent"], logged["-"]) == (0, 0), logged
 
 
 class TestRoutersWithOtherHistories:
