@@ -166,6 +166,38 @@ async def make_users(url: str, prefix: str, count: int) -> list[User]:
     return users
 
 
+async def spread_over_sync_workers(
+    deployment: Deployment, prefix: str, count: int, extra: int = 12
+) -> list[User]:
+    """``count`` users, and more (up to ``extra``) until both sync workers have one.
+
+    Where a user's syncs land follows from the ring (the servers' addresses,
+    here loopback ports picked at start): a handful of users all on one worker
+    is a fair draw, not a fault, and a test of both workers needs users on each.
+    """
+    users = await make_users(deployment.url, prefix, count)
+    for n in range(extra + 1):
+        homes = await sync_homes(deployment, users)
+        if len(set(homes.values())) > 1:
+            return users
+        users += await make_users(deployment.url, f"{prefix}more{n}", 1)
+    raise AssertionError(f"{len(users)} users' syncs all on one worker: {homes}")
+
+
+async def sync_homes(deployment: Deployment, users: list[User]) -> dict[str, str]:
+    """The sync worker of each user (its key -> worker), from one incremental sync each."""
+    mark = deployment.log_size()
+    for user in users:
+        if user.client.next_batch is None:
+            assert isinstance(await user.client.sync(timeout=0), SyncResponse)
+        response = await user.client.sync(timeout=0, since=user.client.next_batch)
+        assert isinstance(response, SyncResponse), response
+    lines = await asyncio.to_thread(
+        deployment.wait_lines, mark, lambda x: x.get("rule") == "sync", len(users)
+    )
+    return {line["key"]: deployment.worker_of(line) for line in lines}
+
+
 async def sync_loop(user: User, stop: asyncio.Event) -> None:
     """Long-polling incremental syncs until told to stop; failures are counted."""
     while not stop.is_set():
