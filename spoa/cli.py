@@ -15,9 +15,10 @@ from typing import Any, TextIO
 
 from . import DEFAULT_HTTP, __version__
 from .demo import commands as demo_commands
-from .fallback import UntranslatableError, fallback_table, publish, write_table
+from .fallback import fallback_map, map_entries, publish, write_map
 from .findings import Finding, Level
-from .haproxycfg import check_haproxy, format_report
+from .haproxyapi import MapKeeper, MapStats, RuntimeApi, RuntimeApiError, parse_address
+from .haproxycfg import check_haproxy, check_running, format_report
 from .httpd import HttpServer
 from .metrics import AgentCollector, build_registry
 from .policy import CompiledPolicy, Decision, PolicyError, Request, WhoamiSpec, load_policy
@@ -109,10 +110,17 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "renames and ConfigMap updates apply at once",
     )
     serve.add_argument(
-        "--fallback-table",
+        "--fallback-map",
         metavar="FILE",
-        help="write the Lua fallback's routing table here for every policy loaded "
-        "(haproxy.cfg reads it: SPOA_FALLBACK_TABLE)",
+        help="write the fallback's map here for every policy loaded, for the HAProxy that "
+        "starts next (haproxy.cfg reads it: SPOA_FALLBACK_MAP)",
+    )
+    serve.add_argument(
+        "--haproxy-socket",
+        metavar="ADDR",
+        help="HAProxy's runtime API (stats socket, level admin): unix:PATH, /PATH or "
+        "HOST:PORT; every policy loaded is pushed into the running HAProxy's fallback "
+        "map there (needs --fallback-map: the map's name in haproxy.cfg)",
     )
     _add_limits(serve)
     serve.add_argument(
@@ -143,13 +151,17 @@ def _add_check(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--haproxy",
         metavar="CFG",
         help="also check this HAProxy configuration: a backend for every class, "
-        "and a Lua fallback table (the file its lua.matrix_fallback converter names) "
-        "made from this very policy",
+        "and the fallback's map (the file its map_reg names) made from this very policy",
     )
     check.add_argument(
-        "--fallback-table",
+        "--fallback-map",
         metavar="FILE",
-        help="with --haproxy: the fallback table HAProxy reads, if not the converter's argument",
+        help="with --haproxy: the fallback map HAProxy reads, if not the one it names",
+    )
+    check.add_argument(
+        "--haproxy-socket",
+        metavar="ADDR",
+        help="with --haproxy: also the map the running HAProxy routes by, from its runtime API",
     )
     check.add_argument(
         "--synapse",
@@ -169,13 +181,13 @@ def _add_check(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _add_fallback(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """spoa fallback: the Lua fallback's table."""
+    """spoa fallback: the fallback's map."""
     fallback = _policy_command(
         commands,
         "fallback",
-        "write the Lua fallback's routing table for a policy",
-        "Write the table lua/matrix_fallback.lua routes by when the agent does not answer, "
-        "made from POLICY (the agent writes it itself with --fallback-table).",
+        "write the fallback's map for a policy",
+        "Write the map HAProxy routes by when the agent does not answer, made from POLICY "
+        "(the agent writes it itself with --fallback-map); it must exist when HAProxy starts.",
     )
     fallback.add_argument(
         "-o", "--output", metavar="FILE", help="write here, atomically (default: standard output)"
@@ -247,17 +259,23 @@ def _run(coro: Coroutine[Any, Any, int], loop: str) -> int:
         return runner.run(coro)
 
 
-def _table_writer(args: argparse.Namespace) -> Callable[[PolicyHolder, ReloadResult], None] | None:
-    """What keeps the fallback's table in step with each policy the agent loads."""
-    path = args.fallback_table
-    if not path:
-        return None
+class _FallbackMap:
+    """Keeps the fallback's map in step with each policy the agent loads: the file for
+    the HAProxy that starts next, and the running HAProxy through its runtime API."""
 
-    def write(holder: PolicyHolder, result: ReloadResult) -> None:
+    def __init__(self, path: str | None, keeper: MapKeeper | None) -> None:
+        self.path = path
+        self.keeper = keeper
+
+    def __call__(self, holder: PolicyHolder, result: ReloadResult) -> None:
         if result.outcome == "loaded":
-            publish(holder.current, path)
+            self.publish(holder.current)
 
-    return write
+    def publish(self, policy: CompiledPolicy) -> None:
+        if self.path:
+            publish(policy, self.path)
+        if self.keeper is not None:
+            self.keeper.want(map_entries(policy), policy.version)
 
 
 async def _serve(args: argparse.Namespace) -> int:
@@ -266,25 +284,41 @@ async def _serve(args: argparse.Namespace) -> int:
     handler: Handler
     decisions = DecisionStats()
     whoami = WhoamiStats()
+    map_stats = MapStats()
+    keeper: MapKeeper | None = None
+    if args.haproxy_socket:
+        if not args.fallback_map:
+            log.error("cannot start: --haproxy-socket needs --fallback-map (the map's name)")
+            return 2
+        try:
+            address = parse_address(args.haproxy_socket)
+        except ValueError as exc:
+            log.error("cannot start: --haproxy-socket %s", exc)
+            return 2
+        keeper = MapKeeper(RuntimeApi(address), args.fallback_map, map_stats)
+    fallback = _FallbackMap(args.fallback_map, keeper)
     if args.policy:
         try:
-            holder = PolicyHolder(
-                args.policy, settle=max(0.0, args.settle), on_change=_table_writer(args)
-            )
+            holder = PolicyHolder(args.policy, settle=max(0.0, args.settle), on_change=fallback)
         except PolicyError as exc:
             log.error(
                 "cannot start: the policy is not usable:\n  %s",
                 "\n  ".join(str(e) for e in exc.errors),
             )
             return 1
-        if args.fallback_table:
-            publish(holder.current, args.fallback_table)
+        fallback.publish(holder.current)
         handler = RouteHandler(holder, decisions, whoami=whoami)
     else:
         handler = static_handler(static_actions(args.static_class))
     server = SpopServer(handler, limits)
-    registry = build_registry(AgentCollector(server.stats, decisions, holder, whoami))
-    status = StatusApp(server, decisions, holder, registry, whoami)
+    registry = build_registry(
+        AgentCollector(
+            server.stats, decisions, holder, whoami, map_stats if keeper is not None else None
+        )
+    )
+    status = StatusApp(
+        server, decisions, holder, registry, whoami, map_stats if keeper is not None else None
+    )
     http: HttpServer | None = None
     try:
         if args.http != "off":
@@ -314,11 +348,13 @@ async def _serve(args: argparse.Namespace) -> int:
         reloading = holder
         loop.add_signal_handler(signal.SIGHUP, lambda: reloading.reload(force=True))
         watcher = loop.create_task(holder.watch(args.poll_interval))
+    pusher = loop.create_task(keeper.run()) if keeper is not None else None
     log.info("listening for SPOP on %s", " ".join(server.addresses))
     await stop.wait()
     log.info("stopping: draining %d connections", server.stats.connections_open)
-    if watcher is not None:
-        watcher.cancel()
+    for task in (watcher, pusher):
+        if task is not None:
+            task.cancel()
     sampler.cancel()
     await server.drain()
     if isinstance(handler, RouteHandler):
@@ -372,7 +408,9 @@ def _check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         except OSError as exc:
             print(f"{args.haproxy}: cannot read: {exc.strerror or exc}", file=err)
             return 1
-        report = check_haproxy(config, policy, args.fallback_table)
+        report = check_haproxy(config, policy, args.fallback_map)
+        if args.haproxy_socket and report.map_path:
+            check_running(policy, _running_map(args.haproxy_socket, report.map_path), report)
         status = max(
             status, _print_findings(format_report(report, args.haproxy, args.policy), out, err)
         )
@@ -387,20 +425,29 @@ def _check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return status
 
 
+def _running_map(address: str, path: str) -> list[tuple[str, str]] | str:
+    """The fallback map (file ``path``) a running HAProxy routes by, or why it could not
+    be read."""
+
+    async def read(api: RuntimeApi) -> list[tuple[str, str]]:
+        return await api.show_map(await api.find_map(path))
+
+    try:
+        return asyncio.run(read(RuntimeApi(parse_address(address))))
+    except (ValueError, RuntimeApiError) as exc:
+        return str(exc)
+
+
 def _fallback(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     policy = _load_reporting(args.policy, err)
     if policy is None:
         return 1
-    try:
-        text = fallback_table(policy)
-    except UntranslatableError as exc:
-        print(f"{args.policy}: the Lua fallback cannot follow this policy: {exc}", file=err)
-        return 1
+    text = fallback_map(policy)
     if not args.output:
         out.write(text)
         return 0
     try:
-        write_table(args.output, text)
+        write_map(args.output, text)
     except OSError as exc:
         print(f"{args.output}: cannot write: {exc.strerror or exc}", file=err)
         return 1

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-#: Keys are strings or bytes: what the hot paths see, and what has a length.
-_K = TypeVar("_K", str, bytes)
+#: Keys are strings or bytes (what the hot paths see, and what has a length
+#: for ``max_key``), or integers (key hashes).
+_K = TypeVar("_K", str, bytes, int)
 _V = TypeVar("_V")
 
 
@@ -36,7 +37,9 @@ class Memo(dict[_K, _V]):
 
     def remember(self, key: _K, value: _V) -> _V:
         """Keep ``value`` under ``key`` (emptying the memo first if full); return it."""
-        if self.limit and (self.max_key is None or len(key) <= self.max_key):
+        if self.limit and (
+            self.max_key is None or isinstance(key, int) or len(key) <= self.max_key
+        ):
             if len(self) >= self.limit and key not in self:
                 self.clear()
             self[key] = value

@@ -25,6 +25,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .haproxyapi import MapStats
 from .policy import DEFAULT_RULE
 from .policy.reload import PolicyHolder
 from .spop import Status
@@ -43,11 +44,14 @@ class AgentCollector(Collector):
         decisions: DecisionStats,
         holder: PolicyHolder | None,
         whoami: WhoamiStats | None = None,
+        fallback_map: MapStats | None = None,
     ) -> None:
         self.server = server
         self.decisions = decisions
         self.holder = holder
         self.whoami = whoami
+        #: The running HAProxy's fallback map, when the agent keeps it (--haproxy-socket).
+        self.fallback_map = fallback_map
         self.started = time.time()
 
     def collect(self) -> Iterator[Metric]:
@@ -55,6 +59,7 @@ class AgentCollector(Collector):
         yield from self._spop()
         yield from self._policy()
         yield from self._whoami()
+        yield from self._fallback_map()
         build = InfoMetricFamily("spoa_build", "The agent's version and runtime.")
         build.add_metric([], {"version": __version__, "python": platform.python_version()})
         yield build
@@ -231,6 +236,24 @@ class AgentCollector(Collector):
             "spoa_whoami_lookups_in_flight",
             "Whoami lookups waiting for the homeserver now.",
             value=resolver.in_flight if resolver is not None else 0,
+        )
+
+    def _fallback_map(self) -> Iterator[Metric]:
+        stats = self.fallback_map
+        if stats is None:
+            return
+        yield _by_label(
+            CounterMetricFamily,
+            "spoa_fallback_map_pushes",
+            "Policies pushed into HAProxy's fallback map through its runtime API, by result.",
+            "result",
+            ((result, stats.pushes[result]) for result in ("success", "failure")),
+        )
+        yield GaugeMetricFamily(
+            "spoa_fallback_map_in_sync",
+            "1 if the map the running HAProxy routes by without the agent is the running "
+            "policy's, 0 if it is not or HAProxy cannot be asked.",
+            value=1.0 if stats.in_sync else 0.0,
         )
 
 

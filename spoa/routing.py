@@ -4,8 +4,9 @@ Message ``route`` arguments (by name): ``method``, ``path`` (raw, no query),
 ``query``, ``auth`` (the whole Authorization header), ``src``.
 
 Variables set, scope ``txn`` (HAProxy prefixes them with the var-prefix,
-``route``): ``backend`` (the worker class), ``key`` (hex mmh3 digest; absent
-when the rule has no key), ``rule`` and ``policy`` (the version). The raw
+``route``): ``backend`` (the worker class), ``key`` (the key's hash, an
+unsigned 32-bit integer, as the fallback computes it too; absent when the
+rule has no key), ``rule`` and ``policy`` (the version). The raw
 token or any other key source never leaves the agent.
 """
 
@@ -20,9 +21,11 @@ from time import perf_counter_ns
 from typing import Any, Final
 
 from .matrix import access_token
+from .memo import Memo
 from .policy import DEFAULT_RULE, ERROR_RULE, CompiledPolicy, Decision, Request
 from .policy.reload import PolicyHolder
-from .spop import Message, Notify, Scope, SetVar, encode_action, encode_actions
+from .spop import Message, Notify, Scope, SetVar, UInt32, encode_action, encode_actions
+from .spop.codec import encode_varint
 from .stats import LATENCY_BOUNDS_NS, LATENCY_SAMPLE, DecisionStats
 from .whoami import WhoamiResolver, WhoamiStats
 
@@ -65,8 +68,10 @@ def static_actions(worker_class: str) -> tuple[SetVar, ...]:
     )
 
 
-#: set-var(txn.key) up to its value: the value is always 8 hex digits.
-_KEY_HEAD: Final = encode_action(SetVar(Scope.TXN, VAR_KEY, "00000000"))[:-8]
+#: set-var(txn.key) up to its value: an UINT32 whose varint follows.
+_KEY_HEAD: Final = encode_action(SetVar(Scope.TXN, VAR_KEY, UInt32(0)))[:-1]
+#: Encoded key actions remembered (most requests repeat a key): at most this many.
+KEY_ACTIONS: Final = 65536
 
 
 def _actions_for(policy: CompiledPolicy, rule: str, worker_class: str) -> tuple[bytes, bytes]:
@@ -105,6 +110,7 @@ class RouteHandler:
         self._tick = 0
         self._policy: CompiledPolicy | None = None
         self._encoded: dict[str, tuple[bytes, bytes]] = {}
+        self._key_actions: Memo[int, bytes] = Memo(KEY_ACTIONS)
         self._resolver: WhoamiResolver | None = None
         #: Rules whose requests may wait for a lookup (empty without a wait).
         self._waiting_rules: frozenset[str] = frozenset()
@@ -216,7 +222,13 @@ class RouteHandler:
     ) -> bytes:
         backend, tail = encoded.get(decision.rule) or encoded[DEFAULT_RULE]
         key = decision.key
-        answer = backend + tail if key is None else backend + _KEY_HEAD + key.encode("ascii") + tail
+        if key is None:
+            answer = backend + tail
+        else:
+            action = self._key_actions.get(key)
+            if action is None:
+                action = self._key_actions.remember(key, _KEY_HEAD + encode_varint(key))
+            answer = backend + action + tail
         if self._count:
             stats = self.stats
             counts = stats.counts

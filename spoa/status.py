@@ -19,6 +19,7 @@ from typing import Any, Final
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from . import __version__
+from .haproxyapi import MapStats
 from .httpd import HttpRequest, HttpResponse
 from .policy import DEFAULT_RULE
 from .policy.reload import PolicyHolder
@@ -82,9 +83,11 @@ class StatusApp:
         holder: PolicyHolder | None,
         registry: CollectorRegistry,
         whoami: WhoamiStats | None = None,
+        fallback_map: MapStats | None = None,
     ) -> None:
         self.server = server
         self.whoami = whoami
+        self.fallback_map = fallback_map
         self.decisions = decisions
         self.holder = holder
         self.registry = registry
@@ -171,7 +174,15 @@ class StatusApp:
             "protocol_errors": {str(k): v for k, v in sorted(stats.protocol_errors.items())},
             "handler_errors": stats.handler_errors,
             "whoami": self._whoami(),
+            "fallback_map": self._fallback_map(),
         }
+
+    def _fallback_map(self) -> dict[str, Any] | None:
+        """The running HAProxy's fallback map, or None when the agent does not keep it."""
+        stats = self.fallback_map
+        if stats is None:
+            return None
+        return {"in_sync": stats.in_sync, "pushes": dict(stats.pushes), "error": stats.last_error}
 
     def _whoami(self) -> dict[str, Any] | None:
         """The whoami cache in numbers (never a token), or None when off."""
@@ -254,6 +265,18 @@ def render_page(snap: Mapping[str, Any]) -> str:
     )
     errors = ", ".join(f"status {k}: {v}" for k, v in snap["protocol_errors"].items()) or "none"
     mean = snap["mean_decision_us"]
+    fallback = snap.get("fallback_map")
+    fallback_html = ""
+    if fallback:
+        state = {True: "in step with the policy", False: "NOT in step with the policy"}.get(
+            fallback["in_sync"], "not seen yet"
+        )
+        fallback_html = html.escape(
+            f" The fallback map in HAProxy (its routing without the agent): {state}; pushes: "
+            f"{fallback['pushes']['success']} ok, {fallback['pushes']['failure']} failed"
+            + (f"; {fallback['error']}" if fallback["error"] else "")
+            + "."
+        )
     return f"""<!doctype html>
 <html lang=en><head><meta charset=utf-8>
 <title>matrix-spoa: {html.escape(policy["version"] if policy else "static")}</title>
@@ -286,7 +309,7 @@ td, th {{ border-bottom: 1px solid #ddd; padding: .25em .8em; text-align: left; 
 <h2>HAProxy</h2>
 <p id=connections>{conns["open"]} connections open, {conns["accepted"]} accepted since start,
 {conns["healthchecks"]} health checks, {conns["refused"]} refused; protocol errors: {errors};
-handler errors: {snap["handler_errors"]}.</p>
+handler errors: {snap["handler_errors"]}.<span id=fallback>{fallback_html}</span></p>
 {whoami_html}
 <p class=muted><a href="/metrics">/metrics</a> · <a href="/healthz">/healthz</a> ·
 <a href="/status.json">/status.json</a> · updated <span id=updated>now</span></p>

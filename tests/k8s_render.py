@@ -46,7 +46,14 @@ def pod_spec(documents: list[dict[str, Any]]) -> dict[str, Any]:
     return spec
 
 
+def containers(documents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The router pod's init containers, then its containers."""
+    spec = pod_spec(documents)
+    every: list[dict[str, Any]] = [*spec.get("initContainers", []), *spec["containers"]]
+    return every
+
+
 def container(documents: list[dict[str, Any]], name: str) -> dict[str, Any]:
     found: dict[str, Any]
-    (found,) = [c for c in pod_spec(documents)["containers"] if c["name"] == name]
+    (found,) = [c for c in containers(documents) if c["name"] == name]
     return found

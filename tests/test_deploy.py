@@ -40,6 +40,7 @@ SERVICE_KEYS: dict[str, type | tuple[type, ...]] = {
     "deploy": dict,
     "healthcheck": dict,
     "init": bool,
+    "group_add": list,
 }
 RESTART = {"no", "always", "on-failure", "unless-stopped"}
 
@@ -69,8 +70,12 @@ def test_each_service_follows_the_compose_schema(name: str) -> None:
         # podman-compose honours replicas only in replicated mode.
         assert "replicas" not in service["deploy"] or service["deploy"]["mode"] == "replicated"
         assert isinstance(service["deploy"].get("replicas", 1), int)
+    conditions = {"service_started", "service_healthy", "service_completed_successfully"}
     for dependency in service.get("depends_on", []):
         assert dependency in SERVICES, f"{name} depends on unknown {dependency}"
+        if isinstance(service["depends_on"], dict):
+            assert set(service["depends_on"][dependency]) == {"condition"}
+            assert service["depends_on"][dependency]["condition"] in conditions
 
 
 def test_images_from_registries_are_pinned_to_a_version() -> None:
@@ -115,12 +120,10 @@ def test_haproxy_gets_every_variable_the_shipped_config_needs() -> None:
     assert env["SYNAPSE_MAIN"] == "main:8008"
     agent_host, _, agent_port = env["SPOA_AGENT"].rpartition(":")
     assert agent_host in SERVICES and agent_port in SERVICES[agent_host]["expose"]
-    # The files haproxy.cfg loads through SPOA_CONF_DIR / SPOA_LUA_DIR are mounted there.
+    # The files haproxy.cfg loads through SPOA_CONF_DIR are mounted there.
     mounts = dict(v.split(":")[1::-1] for v in haproxy["volumes"])
     assert mounts[env["SPOA_CONF_DIR"]] == "./haproxy"
-    assert mounts[env["SPOA_LUA_DIR"]] == "./lua"
     assert (ROOT / "haproxy" / "spoe-router.conf").exists()
-    assert (ROOT / "lua" / "matrix_fallback.lua").exists()
 
 
 def test_the_agent_reads_a_policy_from_the_mounted_directory() -> None:
@@ -214,14 +217,27 @@ def test_dashboard_queries_name_agent_and_haproxy_metrics() -> None:
     assert all(n.startswith(("spoa_", "haproxy_", "process_")) for n in names), names
 
 
-def test_haproxy_reads_the_fallback_table_the_agent_writes() -> None:
-    """One named volume: the agent writes its --fallback-table where haproxy.cfg reads it."""
-    agent, haproxy = SERVICES["agent"], SERVICES["haproxy"]
+def test_the_fallback_map_is_made_before_haproxy_starts_and_pushed_live_after() -> None:
+    """One named volume: fallback-map writes the map before HAProxy starts, the agent
+    rewrites it and pushes each policy through HAProxy's runtime API socket there."""
+    agent, haproxy, once = SERVICES["agent"], SERVICES["haproxy"], SERVICES["fallback-map"]
+    env: dict[str, str] = haproxy["environment"]
+    written = env["SPOA_FALLBACK_MAP"]
+    directory = str(Path(written).parent)
     command = agent["command"]
-    table = command[command.index("--fallback-table") + 1]
-    directory = str(Path(table).parent)
-    assert f"fallback:{directory}" in agent["volumes"]
-    assert f"fallback:{directory}:ro" in haproxy["volumes"]
+    assert command[command.index("--fallback-map") + 1] == written
+    assert command[command.index("--haproxy-socket") + 1] == env["SPOA_ADMIN_SOCKET"]
+    assert str(Path(env["SPOA_ADMIN_SOCKET"]).parent) == directory
+    assert once["command"][0] == "fallback" and once["command"][-1] == written
+    assert once["command"][1] == command[command.index("--policy") + 1]
+    for service in (agent, haproxy, once):
+        assert f"fallback:{directory}" in service["volumes"]
+    # HAProxy waits for the map, not for the agent.
+    assert haproxy["depends_on"]["fallback-map"] == {"condition": "service_completed_successfully"}
+    assert "agent" not in haproxy["depends_on"]
+    # The agent is in HAProxy's group, which owns the socket (mode 660).
+    assert env["SPOA_ADMIN_SOCKET_MODE"] == "660" and agent["group_add"] == ["99"]
     config = (ROOT / "haproxy" / "haproxy.cfg").read_text()
-    assert f'"${{SPOA_FALLBACK_TABLE-{table}}}"' in config
-    assert "SPOA_FALLBACK_TABLE" not in haproxy.get("environment", {})
+    assert '"${SPOA_FALLBACK_MAP-/run/matrix-spoa/fallback.map}"' in config
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert f"chown nobody:99 {directory}" in dockerfile and f"chmod 2775 {directory}" in dockerfile

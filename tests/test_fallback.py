@@ -1,134 +1,131 @@
-"""The fallback's table: regexes as Lua patterns, the table file, and the agent writing it."""
+"""The fallback's map: the policy compiled for HAProxy, the map file, the agent writing it."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
+from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
 
 from spoa.demo.ports import free_port
-from spoa.fallback import (
-    FORMAT,
-    UntranslatableError,
-    fallback_table,
-    lua_patterns,
-    publish,
-    table_version,
-    write_table,
-)
-from spoa.policy import load_policy
+from spoa.fallback import FORMAT, fallback_map, map_entries, map_version, publish, write_map
+from spoa.policy import CompiledPolicy, Request, load_policy
+from spoa.traffic import Deployment, generate
 
 ROOT = Path(__file__).resolve().parent.parent
+POLICIES = ("synapse-workers", "simple", "synapse-workers-mas")
 
 
-@pytest.mark.parametrize(
-    ("regex", "patterns"),
-    [
-        ("^/_matrix/media/", ["^/_matrix/media/"]),
-        ("^/a/(r0|v3)/sync$", ["^/a/r0/sync$", "^/a/v3/sync$"]),
-        ("^/x/[^/]+/typing", ["^/x/[^/]+/typing"]),
-        ("^/d(/|$)", ["^/d/", "^/d$"]),
-        ("^/u/(rooms/[^/]+/)?data", ["^/u/data", "^/u/rooms/[^/]+/data"]),
-        ("^/m/(un)?q/.*$", ["^/m/q/.*$", "^/m/unq/.*$"]),
-        ("^/org.matrix-x/a+b?", ["^/org.matrix%-x/a+b?"]),
-        ("^/v(1|2)/x", ["^/v[12]/x"]),  # Python's parser folds one-character branches
-        ("^/[a-c_%]z", ["^/[a-c_%%]z"]),
-        ("^/n{2,3}", ["^/nnn?"]),
-        ("/keys/", ["/keys/"]),  # not anchored: searched, as by the agent
-        ("^/lazy.*?x$", ["^/lazy.*x$"]),
-    ],
-)
-def test_regexes_become_the_lua_patterns_that_match_the_same(
-    regex: str, patterns: list[str]
-) -> None:
-    assert sorted(lua_patterns(regex)) == sorted(patterns)
+_COMPILED: dict[str, list[tuple[re.Pattern[str], str]]] = {}
 
 
-@pytest.mark.parametrize(
-    ("regex", "reason"),
-    [
-        (r"^/rooms/\d+$", r"\d, \w and \s"),
-        ("(?i)^/sync$", "flags"),
-        ("^/(ab)+$", "repeated group"),
-        ("^/a(?=b)", "assert"),
-        ("^/é", "non-ASCII"),
-        ("^/a b", "space"),
-        ("^/a(x$|y)z", "anchor inside"),
-        ("^/" + "(ab|cd)" * 10, "combinations"),
-        ("^/a{1,40}", "too wide"),
-        (r"^/(a)\1", "groupref"),
-    ],
-)
-def test_regexes_without_an_exact_lua_pattern_are_refused(regex: str, reason: str) -> None:
-    with pytest.raises(UntranslatableError, match="rule r") as caught:
-        lua_patterns(regex, "rule r")
-    assert reason in str(caught.value)
+def lookup(policy: CompiledPolicy, request: Request) -> tuple[str, str]:
+    """The (class, rule) of the first map entry that matches ``request``'s lookup string, as
+    HAProxy's map_reg finds it (Python's re in ASCII mode reads the entries as PCRE does)."""
+    if policy.version not in _COMPILED:
+        _COMPILED[policy.version] = [
+            (re.compile(regex, re.ASCII), value) for regex, value in map_entries(policy)
+        ]
+    query = request.query if request.query is not None else "-"
+    target = f"{request.path} {request.method} {query}"
+    for regex, value in _COMPILED[policy.version]:
+        if regex.match(target):
+            worker_class, rule, *_ = value.split(" ")
+            return worker_class, rule
+    raise AssertionError(f"no entry for {target!r}")
 
 
-def test_every_bundled_policy_has_a_table_with_all_its_rules() -> None:
-    for name in ("synapse-workers", "simple", "synapse-workers-mas"):
-        policy = load_policy(str(ROOT / "policies" / f"{name}.yaml"))
-        text = fallback_table(policy)
-        lines = text.splitlines()
-        assert lines[0] == FORMAT and lines[-1] == "end"
-        assert table_version(text) == policy.version
-        rules = [line.split(" ")[1] for line in lines if line.startswith("rule ")]
-        assert rules == [rule.name for rule in policy.rules]
-        assert f"default {policy.default.worker_class} {policy.default.key.value}" in lines
+@pytest.mark.parametrize("name", POLICIES)
+def test_the_map_routes_every_request_to_the_class_and_rule_the_policy_does(name: str) -> None:
+    policy = load_policy(str(ROOT / "policies" / f"{name}.yaml"))
+    for r in generate(3000, Deployment(seed=5)):
+        request = Request(r.method, r.path, r.query, r.auth, ip_address(r.src))
+        decision = policy.decide(request)
+        assert lookup(policy, request) == (decision.worker_class, decision.rule), r
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_every_path_pattern_of_every_rule_has_an_entry_in_order(name: str) -> None:
+    policy = load_policy(str(ROOT / "policies" / f"{name}.yaml"))
+    entries = map_entries(policy)
+    rules = [value.split(" ")[1] for _, value in entries]
+    expected = [r.name for r in policy.rules for _ in (r.spec.paths if r.spec else ())]
+    assert rules == [*expected, "default"]
+    assert entries[-1] == (
+        "^",
+        f"{policy.default.worker_class} default {policy.default.key.value} "
+        f"{policy.version} #{policy.seed}",
+    )
+    for regex, value in entries:
+        assert " " not in regex and "\t" not in regex and not regex.startswith("#")
+        assert len(value.split(" ")) == 5
 
 
 def test_a_conditional_rule_keeps_its_methods_and_query_conditions(tmp_path: Path) -> None:
-    policy = tmp_path / "p.yaml"
-    policy.write_text(
+    policy_file = tmp_path / "p.yaml"
+    policy_file.write_text(
         "version: 1\nname: p\nseed: 7\nclasses: {main: , a: }\ndefault: {class: main}\n"
         "rules:\n  - name: r\n    class: a\n    key: room\n    methods: [PUT, GET]\n"
-        "    query: {present: [x], absent: [y, z]}\n    path: '^/r$'\n"
+        "    query: {present: [x], absent: [y]}\n    path: '^/r$'\n"
     )
-    text = fallback_table(load_policy(str(policy)))
-    assert "\nseed 7\n" in text
-    assert "\nrule r a room GET,PUT x y,z\npath ^/r$\n" in text
+    policy = load_policy(str(policy_file))
+    (regex, value), _ = map_entries(policy)
+    assert value == f"a r room {policy.version} #7"
+    for method, query, rule in (
+        ("PUT", "x=1", "r"),
+        ("GET", "a&x=1&b", "r"),
+        ("POST", "x=1", "default"),  # method
+        ("PUT", "x=", "default"),  # present, but empty
+        ("PUT", "x&x=1", "default"),  # the first x is empty
+        ("PUT", "x=1&y=2", "default"),  # y present
+        ("PUT", "x=1&y=", "r"),  # y empty: absent
+        ("PUT", "x=1&yy=2", "r"),
+        ("PUT", None, "default"),
+    ):
+        request = Request(method, "/r", query)
+        assert policy.decide(request).rule == rule, (method, query)
+        assert lookup(policy, request)[1] == rule, (method, query)
+    assert not re.match(regex, "/rx PUT x=1")  # "$": the end of the path, not of the string
 
 
-def test_a_table_is_replaced_whole_and_not_rewritten_when_unchanged(tmp_path: Path) -> None:
+def test_a_map_is_replaced_whole_and_not_rewritten_when_unchanged(tmp_path: Path) -> None:
     target = tmp_path / "t"
-    assert write_table(target, "one\n")
+    assert write_map(target, "one\n")
     inode = target.stat().st_ino
-    assert not write_table(target, "one\n")
+    assert not write_map(target, "one\n")
     assert target.stat().st_ino == inode
-    assert write_table(target, "two\n")
+    assert write_map(target, "two\n")
     assert target.read_text() == "two\n" and target.stat().st_ino != inode
     assert oct(target.stat().st_mode & 0o777) == "0o644"
     assert [p.name for p in tmp_path.iterdir()] == ["t"]  # no temporary file left
 
 
-def test_table_version_tells_a_table_from_anything_else() -> None:
-    good = fallback_table(load_policy(str(ROOT / "policies" / "simple.yaml")))
-    assert table_version(good) is not None
-    assert table_version(good.rsplit("end", 1)[0]) is None  # truncated
-    assert table_version("policy: x\n") is None
+def test_map_version_tells_a_map_from_anything_else() -> None:
+    policy = load_policy(str(ROOT / "policies" / "simple.yaml"))
+    text = fallback_map(policy)
+    assert text.startswith(f"# {FORMAT}: policy simple {policy.version}\n")
+    assert map_version(text) == policy.version
+    assert map_version("^/x a r none v #0\n") is None
+    assert map_version("policy: x\n") is None
 
 
-def test_publish_leaves_the_last_table_when_a_policy_cannot_be_followed(
+def test_publish_says_when_the_map_cannot_be_written(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    table = tmp_path / "t"
     good = load_policy(str(ROOT / "policies" / "simple.yaml"))
-    assert publish(good, table)
-    bad_file = tmp_path / "bad.yaml"
-    bad_file.write_text(
-        "version: 1\nclasses: {main: , a: }\ndefault: {class: main}\n"
-        "rules:\n  - {name: n, class: a, path: '^/x/\\d+$'}\n"
+    with caplog.at_level(logging.INFO, "spoa.fallback"):
+        assert publish(good, tmp_path / "m")
+        assert not publish(good, tmp_path / "missing-dir" / "m")
+    assert f"fallback map {tmp_path / 'm'} written for policy version {good.version}" in (
+        caplog.text
     )
-    with caplog.at_level(logging.ERROR, "spoa.fallback"):
-        assert not publish(load_policy(str(bad_file)), table)
-    assert table_version(table.read_text()) == good.version
-    assert "cannot follow policy version" in caplog.text
-    assert not publish(good, tmp_path / "missing-dir" / "t")
+    assert "not updated" in caplog.text
 
 
 def _wait_for(predicate: object, timeout: float) -> None:
@@ -140,16 +137,16 @@ def _wait_for(predicate: object, timeout: float) -> None:
     raise AssertionError("timed out")
 
 
-def test_the_agent_writes_the_table_at_start_and_for_every_policy_it_loads(
+def test_the_agent_writes_the_map_at_start_and_for_every_policy_it_loads(
     tmp_path: Path,
 ) -> None:
     policy = tmp_path / "policy.yaml"
     policy.write_text((ROOT / "policies" / "simple.yaml").read_text())
-    table = tmp_path / "fallback.table"
+    written = tmp_path / "fallback.map"
     agent = subprocess.Popen(
         [
             *(sys.executable, "-m", "spoa", "serve", "--policy", str(policy)),
-            *("--fallback-table", str(table), "--listen", f"127.0.0.1:{free_port()}"),
+            *("--fallback-map", str(written), "--listen", f"127.0.0.1:{free_port()}"),
             *("--http", "off", "--poll-interval", "0.2"),
         ],
         cwd=ROOT,
@@ -160,7 +157,7 @@ def test_the_agent_writes_the_table_at_start_and_for_every_policy_it_loads(
         simple = load_policy(str(policy)).version
 
         def version() -> str | None:
-            return table_version(table.read_text()) if table.exists() else None
+            return map_version(written.read_text()) if written.exists() else None
 
         _wait_for(lambda: version() == simple, 15)
         # A new policy, saved by rename as editors do.
@@ -169,8 +166,8 @@ def test_the_agent_writes_the_table_at_start_and_for_every_policy_it_loads(
         os.replace(edited, policy)
         workers = load_policy(str(policy)).version
         _wait_for(lambda: version() == workers, 15)
-        assert table.read_text() == fallback_table(load_policy(str(policy)))
-        # A broken edit is rejected by the agent: the table stays.
+        assert written.read_text() == fallback_map(load_policy(str(policy)))
+        # A broken edit is rejected by the agent: the map stays.
         edited.write_text("rules: [")
         os.replace(edited, policy)
         time.sleep(1.0)
@@ -178,4 +175,4 @@ def test_the_agent_writes_the_table_at_start_and_for_every_policy_it_loads(
     finally:
         agent.terminate()
         _, err = agent.communicate(timeout=15)
-    assert f"fallback table {table} written for policy version {workers}" in err
+    assert f"fallback map {written} written for policy version {workers}" in err

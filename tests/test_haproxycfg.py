@@ -14,11 +14,10 @@ from spoa.haproxycfg import Fallback, Report, format_report
         (Fallback.ABSENT, Level.NOTE),
         (Fallback.STALE, Level.ERROR),
         (Fallback.BROKEN, Level.ERROR),
-        (Fallback.UNTRANSLATABLE, Level.ERROR),
     ],
 )
 def test_each_fallback_state_is_reported_at_its_level(fallback: Fallback, level: Level) -> None:
-    report = Report(fallback=fallback, table_path="/t.lua", detail="v1")
+    report = Report(fallback=fallback, map_path="/f.map", detail="v1")
     [finding] = format_report(report, "haproxy.cfg", "p.yaml")
     assert finding.level is level
     assert str(finding).startswith(f"{level}: ")
@@ -29,3 +28,14 @@ def test_a_missing_backend_is_an_error_and_an_unused_one_a_note() -> None:
     findings = format_report(report, "haproxy.cfg", "p.yaml")
     assert [f.level for f in findings] == [Level.ERROR, Level.NOTE, Level.NOTE]
     assert "be_sync" in findings[0].text and "be_old" in findings[1].text
+
+
+def test_fallback_lines_of_another_release_and_a_running_map_out_of_step_are_errors() -> None:
+    report = Report(fallback=Fallback.AGREES, map_path="/f.map", missing_key_lines=["room"])
+    report.running, report.running_detail = False, "policy version abc"
+    findings = format_report(report, "haproxy.cfg", "p.yaml")
+    assert [f.level for f in findings] == [Level.OK, Level.ERROR, Level.ERROR]
+    assert "no room regex" in findings[1].text
+    assert "policy version abc" in findings[2].text
+    report.running = True
+    assert format_report(report, "haproxy.cfg", "p.yaml")[-1].level is Level.OK

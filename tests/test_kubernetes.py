@@ -19,7 +19,7 @@ import yaml
 
 from spoa.demo.stack import env_name
 from spoa.policy import load_policy
-from tests.k8s_render import KUSTOMIZATION, container, kustomize, one, pod_spec
+from tests.k8s_render import KUSTOMIZATION, container, containers, kustomize, one, pod_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 HAPROXY_CFG = (ROOT / "haproxy" / "haproxy.cfg").read_text()
@@ -111,7 +111,7 @@ def test_haproxy_gets_every_file_its_configuration_reads(documents: list[dict[st
     for source in volume["projected"]["sources"]:
         configmap = one(documents, "ConfigMap", source["configMap"]["name"])
         # A hashed name: an edit of HAProxy's files rolls the Deployment.
-        assert re.fullmatch(r"haproxy-(config|lua)-[a-z0-9]{10}", configmap["metadata"]["name"])
+        assert re.fullmatch(r"haproxy-config-[a-z0-9]{10}", configmap["metadata"]["name"])
         for item in source["configMap"]["items"]:
             files[f"{mount['mountPath']}/{item['path']}"] = configmap["data"][item["key"]]
     assert haproxy["args"][-1] in files
@@ -121,10 +121,34 @@ def test_haproxy_gets_every_file_its_configuration_reads(documents: list[dict[st
         assert f"{env['SPOA_CONF_DIR']}{path}" in files, path
         shipped = (ROOT / "haproxy" / path.lstrip("/")).read_bytes().decode()  # CRLF kept
         assert files[f"{env['SPOA_CONF_DIR']}{path}"] == shipped
-    lua = f"{env['SPOA_LUA_DIR']}/matrix_fallback.lua"
-    assert files[lua] == (ROOT / "lua" / "matrix_fallback.lua").read_text()
     spoe = (ROOT / "haproxy" / "spoe-router.conf").read_text()
     assert files[f"{env['SPOA_CONF_DIR']}/spoe-router.conf"] == spoe
+
+
+def test_the_fallback_map_is_made_before_haproxy_starts_and_pushed_live_after(
+    documents: list[dict[str, Any]],
+) -> None:
+    """The init container writes the map HAProxy loads; the agent rewrites it and pushes
+    each policy through HAProxy's runtime API, a socket in the same shared volume."""
+    spec = pod_spec(documents)
+    haproxy, agent = container(documents, "haproxy"), container(documents, "agent")
+    (init,) = spec["initContainers"]
+    env = {e["name"]: e["value"] for e in haproxy["env"]}
+    written = env["SPOA_FALLBACK_MAP"]
+    assert init["args"][:2] == ["fallback", agent["args"][agent["args"].index("--policy") + 1]]
+    assert init["args"][init["args"].index("-o") + 1] == written
+    assert agent["args"][agent["args"].index("--fallback-map") + 1] == written
+    socket = agent["args"][agent["args"].index("--haproxy-socket") + 1]
+    assert env["SPOA_ADMIN_SOCKET"] == socket and env["SPOA_ADMIN_SOCKET_MODE"] == "660"
+    for c in (init, haproxy, agent):
+        (mount,) = [m for m in c["volumeMounts"] if m["name"] == "fallback"]
+        assert mount["mountPath"] == str(Path(written).parent) == str(Path(socket).parent)
+        assert not mount.get("readOnly")
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "fallback"]
+    assert "emptyDir" in volume
+    # The agent is in HAProxy's group (99), which owns the socket.
+    assert haproxy["securityContext"]["runAsGroup"] == 99
+    assert 99 in spec["securityContext"]["supplementalGroups"]
 
 
 def test_the_policy_is_a_directory_mount_updated_in_place(documents: list[dict[str, Any]]) -> None:
@@ -151,7 +175,7 @@ def test_the_pods_run_unprivileged_with_probes_and_limits(documents: list[dict[s
     assert deployment["spec"]["replicas"] == 2
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
-    for c in spec["containers"]:
+    for c in containers(documents):
         security = c["securityContext"]
         assert security["readOnlyRootFilesystem"] is True
         assert security["allowPrivilegeEscalation"] is False
@@ -159,7 +183,8 @@ def test_the_pods_run_unprivileged_with_probes_and_limits(documents: list[dict[s
         assert isinstance(security["runAsUser"], int) and security["runAsUser"] > 0
         assert {"cpu", "memory"} <= set(c["resources"]["requests"])
         assert "memory" in c["resources"]["limits"]
-        assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        if c not in spec.get("initContainers", []):
+            assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     haproxy = container(documents, "haproxy")
     # HAProxy's probes are its own answer, not a request to Synapse.
     assert haproxy["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "stats"}

@@ -133,7 +133,6 @@ class Router:
     check_inter: str = "1s"
     poll_interval: float = 1.0
     haproxy_dir: Path = REPO / "haproxy"
-    lua_dir: Path = REPO / "lua"
     #: HOST:PORT of the main process.
     main_address: str = ""
     zone: Zone = field(default_factory=Zone)
@@ -142,6 +141,8 @@ class Router:
     worker_names: dict[str, str] = field(default_factory=dict)
     #: More of HAProxy's environment (SPOA_ADMIN_SOCKET, ...).
     environment: dict[str, str] = field(default_factory=dict)
+    #: Whether being up means the agent UP too (False: HAProxy routes alone).
+    expect_agent: bool = True
     agent: subprocess.Popen[bytes] | None = None
     haproxy: subprocess.Popen[bytes] | None = None
     classes: tuple[str, ...] = ()
@@ -149,17 +150,22 @@ class Router:
     dns_port: int = 0
 
     @property
-    def fallback_table(self) -> Path:
-        """The Lua fallback's table: written here, then by the agent."""
-        return self.workdir / "fallback.table"
+    def fallback_map(self) -> Path:
+        """The fallback's map: written here before HAProxy starts, then by the agent."""
+        return self.workdir / "fallback.map"
+
+    @property
+    def admin_socket(self) -> Path:
+        """HAProxy's runtime API, through which the agent pushes each policy's map."""
+        return self.workdir / "haproxy.sock"
 
     async def start_dns(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         policy = load_policy(str(self.policy))
         self.classes = policy.classes
-        # HAProxy's fallback has a table before the agent first runs; the
+        # HAProxy's fallback has a map before the agent first runs; the
         # agent rewrites it for every policy it loads.
-        publish(policy, self.fallback_table)
+        publish(policy, self.fallback_map)
         self._dns, self.dns_port = await serve_dns(self.zone)
 
     def publish(self, worker_class: str, endpoints: list[tuple[str, int]]) -> None:
@@ -186,8 +192,10 @@ class Router:
             f"127.0.0.1:{self.agent_port}",
             "--poll-interval",
             str(self.poll_interval),
-            "--fallback-table",
-            str(self.fallback_table),
+            "--fallback-map",
+            str(self.fallback_map),
+            "--haproxy-socket",
+            str(self.admin_socket),
             "--http",
             self.agent_http,
         ]
@@ -204,12 +212,12 @@ class Router:
             SPOA_STATS_BIND=f"127.0.0.1:{self.stats_port}",
             SPOA_AGENT=f"127.0.0.1:{self.agent_port}",
             SPOA_CONF_DIR=str(self.haproxy_dir),
-            SPOA_LUA_DIR=str(self.lua_dir),
             SPOA_DNS=f"127.0.0.1:{self.dns_port}",
             SPOA_CHECK_INTER=self.check_inter,
             SYNAPSE_MAIN=self.main_address,
         )
-        env["SPOA_FALLBACK_TABLE"] = str(self.fallback_table)
+        env["SPOA_FALLBACK_MAP"] = str(self.fallback_map)
+        env["SPOA_ADMIN_SOCKET"] = str(self.admin_socket)
         for worker_class in self.classes:
             if worker_class != "main":
                 env[env_name(worker_class)] = self.worker_names.get(
@@ -268,7 +276,7 @@ class Router:
             states = self.server_states()
         except OSError:
             return False
-        if states.get(("be_spoa", "agent1")) != "UP":
+        if self.expect_agent and states.get(("be_spoa", "agent1")) != "UP":
             return False
         if states.get(("be_main", "main")) != "UP":
             return False

@@ -8,13 +8,16 @@ has nothing to key on. docs/policy.md describes each value.
 
 from __future__ import annotations
 
+import re
+import socket
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 from typing import Final, Protocol
 
-from .rooms import room_from_path
-from .tokens import access_token, syt_localpart
-from .xmatrix import xmatrix_origin
+from .converters import regsub
+from .rooms import ROOM, room_from_path
+from .tokens import BEARER, QUERY_TOKEN, access_token, syt_localpart
+from .xmatrix import ESCAPE, ORIGIN, xmatrix_origin
 
 
 class RequestParts(Protocol):
@@ -48,7 +51,7 @@ def user_key(request: RequestParts) -> tuple[str, str] | None:
     if not token:
         return None
     localpart = syt_localpart(token)
-    return ("user", localpart) if localpart else ("token", token)
+    return ("user", localpart) if localpart is not None else ("token", token)
 
 
 def room_key(request: RequestParts) -> tuple[str, str] | None:
@@ -57,20 +60,23 @@ def room_key(request: RequestParts) -> tuple[str, str] | None:
     return ("room", room) if room else None
 
 
+#: An IPv4-mapped IPv6 address as HAProxy writes it, to its IPv4 address.
+#: Verbatim in haproxy.cfg.
+MAPPED: Final = r"^::[Ff][Ff][Ff][Ff]:([0-9.]+)\Z"
+_MAPPED: Final = re.compile(MAPPED)
+
+
 def src_key(request: RequestParts) -> tuple[str, str] | None:
-    """The client address; an IPv4-mapped IPv6 address keys as its IPv4 address."""
+    """The client address as HAProxy writes it (``inet_ntop``); an IPv4-mapped IPv6
+    address keys as the IPv4 address it is."""
     src = request.src
     if src is None or src == "":
         return None
     if isinstance(src, IPv6Address):
-        # An IPv4 client on a dual-stack listener arrives IPv4-mapped: key it
-        # as the IPv4 address it is (Python versions print mapped addresses
-        # differently; the Lua fallback does the same).
-        mapped = src.ipv4_mapped
-        return ("src", str(mapped if mapped is not None else src))
-    if isinstance(src, str) and src[:7].lower() == "::ffff:" and "." in src:
-        return ("src", src[7:])
-    return ("src", str(src))
+        text = socket.inet_ntop(socket.AF_INET6, src.packed)
+    else:
+        text = str(src)
+    return ("src", regsub(_MAPPED, text, r"\1") if text[:2] == "::" else text)
 
 
 def origin_key(request: RequestParts) -> tuple[str, str] | None:
@@ -82,9 +88,10 @@ def origin_key(request: RequestParts) -> tuple[str, str] | None:
 
 
 def uri_key(request: RequestParts) -> tuple[str, str] | None:
-    """The raw path, with ``?`` and the raw query when there is one."""
+    """The raw path, with ``?`` and the raw query when the request has a ``?`` (HAProxy's
+    ``pathq``: ``/a?`` keeps its ``?``)."""
     query = request.query
-    return ("uri", f"{request.path}?{query}" if query else request.path)
+    return ("uri", f"{request.path}?{query}" if query is not None else request.path)
 
 
 def no_key(request: RequestParts) -> tuple[str, str] | None:
@@ -101,4 +108,16 @@ KEY_EXTRACTORS: Final[dict[str, KeyExtractor]] = {
     "uri": uri_key,
     "src": src_key,
     "none": no_key,
+}
+
+
+#: The regexes both engines compute keys with, by what they read: haproxy.cfg's
+#: fallback lines hold each verbatim (spoa check --haproxy and a test compare).
+NATIVE_REGEXES: Final[dict[str, str]] = {
+    "bearer token": BEARER,
+    "access_token parameter": QUERY_TOKEN,
+    "room": ROOM,
+    "X-Matrix origin": ORIGIN,
+    "escape": ESCAPE,
+    "IPv4-mapped address": MAPPED,
 }

@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import re
+from typing import Final
 
-from .query import percent_decode
+from .converters import regsub, url_dec
 
-# The segment after the first /rooms/, /join/ or /knock/: a room ID
-# (!opaque:domain, or !hash in room v12) or an alias (#alias:domain), raw or
-# percent-encoded.
-_ROOM_SEGMENT = re.compile(r"/(?:rooms|join|knock)/([^/]+)")
+#: The segment after the first /rooms/, /join/ or /knock/ of a path: a room ID
+#: (!opaque:domain, or !hash in room v12) or an alias (#alias:domain), raw or
+#: percent-encoded; empty when there is none. Verbatim in haproxy.cfg.
+ROOM: Final = r"^(?:.*?/(?:rooms|join|knock)/([^/]+).*|.*)\Z"
+_ROOM: Final = re.compile(ROOM)
 
 
 def room_from_path(path: str) -> str | None:
     """The room ID or alias in a path, percent-decoded exactly once.
 
     ``%21abc%3Aexample.org`` and ``!abc:example.org`` give the same value;
-    ``%2521`` gives ``%21`` (decoded once, not twice). None when the path has
-    no such segment.
+    ``%2521`` gives ``%21`` (decoded once, not twice); a segment with a bad
+    escape is taken as it is. None when the path has no such segment.
     """
-    found = _ROOM_SEGMENT.search(path)
-    if found is None:
+    if "/rooms/" not in path and "/join/" not in path and "/knock/" not in path:
         return None
-    return percent_decode(found.group(1))
+    segment = regsub(_ROOM, path, r"\1")
+    if not segment:
+        return None
+    decoded = url_dec(segment)
+    return segment if decoded is None else decoded

@@ -5,14 +5,28 @@ since Matrix v1.11, from the ``access_token`` query parameter. Tokens Synapse
 issues look like ``syt_<unpadded base64 of the localpart>_<random>_<crc>``,
 which names the user without any lookup; every other kind (MAS ``mat_``,
 macaroons, appservice tokens) is opaque.
+
+Both engines read them alike: the agent here, HAProxy's fallback with the
+regexes below verbatim in haproxy.cfg (:mod:`spoa.matrix.converters`).
 """
 
 from __future__ import annotations
 
-import binascii
+import re
+from typing import Final
 
 from ..memo import Memo
-from .query import percent_decode, query_value
+from .converters import bin_to_str, regsub, to_text, ub64dec, url_dec
+
+#: The token of ``Authorization: Bearer <token>`` (the scheme in any case, one
+#: space, then spaces and tabs skipped); empty for any other header.
+BEARER: Final = r"^(?:[Bb][Ee][Aa][Rr][Ee][Rr]\x20[\x20\t]*(.*)|.*)\Z"
+#: The raw value of the first ``access_token`` parameter of a query string
+#: (empty if it has none, or none with ``=``).
+QUERY_TOKEN: Final = r"^(?:(?:(?!access_token(?:[=&]|\Z))[^&]*&)*access_token=([^&]*).*|.*)\Z"
+
+_BEARER: Final = re.compile(BEARER)
+_QUERY_TOKEN: Final = re.compile(QUERY_TOKEN)
 
 #: The localpart (or None) of each ``syt_`` token seen: clients send the same
 #: token with every request. Synapse's tokens are well under 256 characters;
@@ -21,20 +35,28 @@ _SYT_LOCALPARTS: Memo[str, str | None] = Memo(65536, max_key=256)
 
 
 def access_token(auth: str | None, query: str | None) -> str | None:
-    """The access token: the Bearer header first, ``?access_token=`` second."""
-    if auth and auth[:7].lower() == "bearer ":
-        token = auth[7:].strip(" \t")
+    """The access token: the Bearer header first, ``?access_token=`` second (decoded
+    once, or raw if it holds a bad escape)."""
+    if auth:
+        token = regsub(_BEARER, auth, r"\1")
         if token:
             return token
     if query and "access_token" in query:
-        value = query_value(query, "access_token")
+        value = regsub(_QUERY_TOKEN, query, r"\1")
         if value:
-            return percent_decode(value)
+            decoded = url_dec(value)
+            return value if decoded is None else decoded
     return None
 
 
 def syt_localpart(token: str) -> str | None:
-    """The user localpart inside a ``syt_`` token, or None for any other token."""
+    """The user localpart inside a ``syt_`` token, or None for any other token.
+
+    The localpart is the text between the first and the second ``_``,
+    base64url-decoded as HAProxy's ``ub64dec`` does and cut at a NUL byte;
+    None when it does not decode. Synapse's base64 of an ASCII localpart has
+    neither ``+`` nor ``/``, so its tokens decode alike in both alphabets.
+    """
     if not token.startswith("syt_"):
         return None
     cached = _SYT_LOCALPARTS.get(token)
@@ -44,15 +66,5 @@ def syt_localpart(token: str) -> str | None:
 
 
 def _decode_syt(token: str) -> str | None:
-    parts = token.split("_")
-    if len(parts) < 3 or not parts[1]:
-        return None
-    encoded = parts[1]
-    try:
-        raw = binascii.a2b_base64(
-            (encoded + "=" * (-len(encoded) % 4)).encode("ascii"), strict_mode=True
-        )
-        localpart = raw.decode("utf-8")
-    except (ValueError, UnicodeError):
-        return None
-    return localpart or None
+    raw = ub64dec(token.split("_", 2)[1])
+    return None if raw is None else to_text(bin_to_str(raw))

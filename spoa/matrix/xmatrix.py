@@ -7,22 +7,39 @@ order. Values are tokens or quoted strings with backslash escapes; the spec
 asks recipients to accept ``:`` in unquoted values, so ``origin=host:8448``
 is valid. An origin is a server name: a DNS name, an IPv4 address or an IPv6
 literal in brackets, each optionally with a port.
+
+One regex reads it, the same in the agent and, verbatim, in haproxy.cfg's
+fallback: the parameters before the first one named ``origin`` must be well
+formed, and its value (quoted or bare) is captured; then backslash escapes
+are undone.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Final
 
-_PARAM = re.compile(
-    r"""[ \t]*
-        ([!#$%&'*+.^_`|~0-9A-Za-z-]+)      # name (an RFC 9110 token)
-        [ \t]*=[ \t]*
-        (?:"((?:[^"\\]|\\.)*)"             # quoted value, with escapes
-          |([^,"\s]*))                     # or a bare value (":" and "[]" allowed)
-        [ \t]*(?:,|$)""",
-    re.VERBOSE | re.DOTALL,
+from .converters import regsub
+
+_NAME: Final = r"[!#\x24%&\x27*+.^_`|~0-9A-Za-z-]+"
+_QUOTED: Final = r"\x22((?:[^\x22\x5c]|\x5c.)*)\x22"
+_BARE: Final = r"([^,\x22\x20\t\r\n\f\x0b]*)"
+_ORIGIN_NAME: Final = r"[Oo][Rr][Ii][Gg][Ii][Nn][\x20\t]*="
+_OTHER: Final = (
+    rf"[\x20\t]*(?!{_ORIGIN_NAME}){_NAME}[\x20\t]*=[\x20\t]*"
+    r"(?:\x22(?:[^\x22\x5c]|\x5c.)*\x22|[^,\x22\x20\t\r\n\f\x0b]*)[\x20\t]*,"
 )
-_ESCAPE = re.compile(r"\\(.)", re.DOTALL)
+#: The origin's value, quoted (group 1) or bare (group 2); empty for a header
+#: that is not X-Matrix or has no well-formed origin. Verbatim in haproxy.cfg.
+ORIGIN: Final = (
+    rf"^(?:[Xx]-[Mm][Aa][Tt][Rr][Ii][Xx]\x20+(?:{_OTHER})*[\x20\t]*{_ORIGIN_NAME}[\x20\t]*"
+    rf"(?:{_QUOTED}|{_BARE})[\x20\t]*(?:,.*)?|.*)\Z"
+)
+#: A backslash escape, undone (``\\x`` gives ``x``). Verbatim in haproxy.cfg.
+ESCAPE: Final = r"\x5c(.)"
+
+_ORIGIN: Final = re.compile(ORIGIN)
+_ESCAPE: Final = re.compile(ESCAPE)
 
 
 def xmatrix_origin(auth: str | None) -> str | None:
@@ -30,26 +47,11 @@ def xmatrix_origin(auth: str | None) -> str | None:
 
     Parameters are read in order until ``origin`` is found, so a header cut
     short after its origin still gives it; a syntax error before it gives
-    None.
+    None. Escapes are undone in a quoted or a bare value alike.
     """
     if not auth or auth[:8].lower() != "x-matrix":
         return None
-    pos = 8
-    size = len(auth)
-    if pos >= size or auth[pos] != " ":
-        return None
-    while pos < size and auth[pos] == " ":
-        pos += 1
-    while pos < size:
-        found = _PARAM.match(auth, pos)
-        if found is None:
-            return None
-        if found.group(1).lower() == "origin":
-            quoted = found.group(2)
-            if quoted is not None:
-                value = _ESCAPE.sub(r"\1", quoted) if "\\" in quoted else quoted
-            else:
-                value = found.group(3)
-            return value or None
-        pos = found.end()
-    return None
+    value = regsub(_ORIGIN, auth, r"\1\2")
+    if "\\" in value:
+        value = regsub(_ESCAPE, value, r"\1", every=True)
+    return value or None

@@ -27,9 +27,8 @@ import re
 from ipaddress import IPv4Address, IPv6Address
 from typing import Final, NamedTuple, Protocol
 
-import mmh3
-
 from ..matrix import access_token, syt_localpart
+from ..matrix.converters import to_bytes, xxh32
 from ..matrix.keys import KEY_EXTRACTORS, KeyExtractor
 from ..matrix.query import has_value
 from ..memo import Memo
@@ -43,6 +42,18 @@ MEMO_ENTRIES: Final = 8192
 MEMO_MAX_TEXT: Final = 256
 #: Rule name reported if deciding failed unexpectedly (a bug, not an input).
 ERROR_RULE: Final = "error"
+
+
+def key_salt(seed: int) -> str:
+    """What follows every key source before it is hashed: the policy's seed, so that a
+    new seed moves every key (the fallback's map carries it to HAProxy)."""
+    return f"#{seed}"
+
+
+def key_hash(source: str, salt: str) -> int:
+    """A key: XXH32 of the key source's bytes and the salt, as haproxy.cfg's
+    ``concat(,txn.fb_salt),xxh32`` computes it."""
+    return xxh32(to_bytes(source) + salt.encode("ascii"))
 
 
 class Request(NamedTuple):
@@ -66,13 +77,14 @@ class Decision(NamedTuple):
     it fell back to (``token`` for a ``user`` rule without a ``syt_`` token,
     ``src`` for ``origin`` without X-Matrix, ``none`` when nothing was there).
     ``key_source`` is the canonical value before hashing; it may hold a token
-    and must never leave the agent. ``key`` is its hex mmh3 digest.
+    and must never leave the agent. ``key`` is its hash (:func:`key_hash`), an
+    unsigned 32-bit integer, as HAProxy's fallback computes it too.
     """
 
     worker_class: str
     key_kind: str
     key_source: str | None
-    key: str | None
+    key: int | None
     rule: str
     policy: str
     #: (class, rule, key kind): the metric labels, built once per rule and kind.
@@ -189,7 +201,9 @@ def _combine(rules: list[CompiledRule]) -> re.Pattern[str] | None:
         assert rule.spec is not None
         body = "|".join(_alternative(p) for p in rule.spec.paths)
         parts.append(f"(?P<r{rule.index}>{body})")
-    return re.compile("|".join(parts)) if parts else None
+    # ASCII: \\d, \\w, \\b and case-insensitivity as PCRE reads them in HAProxy's
+    # fallback (spoa.policy.native), not Unicode's.
+    return re.compile("|".join(parts), re.ASCII) if parts else None
 
 
 class CompiledPolicy:
@@ -199,6 +213,7 @@ class CompiledPolicy:
         self.spec = spec
         self.version = version
         self.seed = spec.seed
+        self.salt = key_salt(spec.seed)
         self.classes = spec.classes
         self.rules = tuple(
             CompiledRule(i, rule, rule.worker_class, rule.key, rule.name, memo_entries)
@@ -271,7 +286,7 @@ class CompiledPolicy:
             return None
         if not self._resolve_all and token.startswith("syt_"):
             localpart = syt_localpart(token)
-            if localpart:
+            if localpart is not None:
                 return ("user", localpart)
         user = users.user_for(token)
         return ("user", user) if user else ("token", token)
@@ -296,12 +311,11 @@ class CompiledPolicy:
             decision = memo.get(source)
             if decision is not None and decision.key_kind == kind:
                 return decision
-            digest = mmh3.hash(source.encode("utf-8", "surrogateescape"), self.seed, signed=False)
             decision = Decision(
                 rule.worker_class,
                 kind,
                 source,
-                f"{digest:08x}",
+                key_hash(source, self.salt),
                 rule.name,
                 self.version,
                 rule.label(kind),

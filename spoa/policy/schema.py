@@ -9,7 +9,7 @@ Format (see docs/policy.md)::
 
     version: 1                      # required; the format version
     extends: synapse-workers        # optional: a bundled policy by name, or a file
-    seed: 0                         # optional; mmh3 seed of the hash keys
+    seed: 0                         # optional; salts the hash keys (a new seed moves them all)
     classes:                        # worker classes; HAProxy backend be_<class>
       main: {description: ...}      #   (the value may also be empty)
     default: {class: main, key: none}
@@ -45,6 +45,7 @@ from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from .errors import LocatedError, PolicyError
+from .native import NativeRegexError, path_regex
 
 FORMAT_VERSION: Final = 1
 
@@ -328,6 +329,16 @@ class _Checker:
             self.error(node, path, "named groups are not supported in path patterns")
         elif _BACKREFERENCE.search(pattern):
             self.error(node, path, "backreferences are not supported in path patterns")
+        else:
+            try:
+                path_regex(pattern)
+            except NativeRegexError as exc:
+                self.error(
+                    node,
+                    path,
+                    f"regex {pattern!r}: HAProxy's fallback would not read it as the agent "
+                    f"does: {exc}",
+                )
 
 
 def _show(seconds: float) -> str:

@@ -113,6 +113,28 @@ class Project:
         )
         return out.stdout.split()
 
+    def exit_codes(self, service: str) -> list[str]:
+        out = subprocess.run(
+            [
+                "podman",
+                "ps",
+                "-a",
+                "--filter",
+                f"label=com.docker.compose.project={self.name}",
+                "--filter",
+                f"label=com.docker.compose.service={service}",
+                "--filter",
+                "status=exited",
+                "--format",
+                "{{.ExitCode}}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        return out.stdout.split()
+
     def servers_up(self, backend: str) -> int:
         conn = http.client.HTTPConnection("127.0.0.1", 8404, timeout=5)
         try:
@@ -191,8 +213,13 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
             )
 
 
-def test_all_services_are_up(project: Project) -> None:
+def test_all_services_are_up_and_the_one_shot_ones_done(project: Project) -> None:
     for service in RUN:
+        if SERVICES[service].get("restart") == "no":
+            # fallback-map: made the map before HAProxy started, and ended.
+            assert project.containers(service) == [], service
+            assert project.exit_codes(service) == ["0"], service
+            continue
         replicas = SERVICES[service].get("deploy", {}).get("replicas", 1)
         assert len(project.containers(service)) == replicas, service
 
@@ -285,8 +312,13 @@ def test_the_agent_killed_leaves_routing_to_the_fallback_with_no_failed_request(
         sender.join()
     assert sent > 50 and failures == []
     assert "via=fallback class=synchrotron" in project.haproxy_log()
-    # The fallback routes by the table the agent wrote into the shared
-    # volume: every class keeps its workers, stream writers included.
+    # The fallback routes by the map the agent pushed into HAProxy: every
+    # class keeps its workers, stream writers included, and the policy
+    # edited on the host (profile reads on client_reader) holds with no
+    # reload of HAProxy.
     for worker_class, (method, path) in SAMPLES.items():
         status, body = request(8008, method, path)
         assert (status, body.get("class")) == (200, worker_class), (worker_class, body)
+    status, body = request(8008, "GET", "/_matrix/client/v3/profile/@alice:x")
+    assert (status, body.get("class")) == (200, "client_reader")
+    assert "via=fallback class=client_reader rule=profile_reads" in project.haproxy_log()

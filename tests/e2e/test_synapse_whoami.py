@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
-import mmh3
 import pytest
+import xxhash
 
 from tests.e2e.conftest import Deployment, User, close_all, make_users, run
 
@@ -142,7 +142,7 @@ def test_two_devices_of_a_user_meet_on_one_sync_worker_after_the_first_lookup(
     # One key per user, not per device, each on one worker: the user's key,
     # from whoami, since resolve: all gave the syt_ tokens token keys at first.
     assert agent_metric(deployment, "spoa_decisions_total", token_keyed) > before
-    users = {f"{mmh3.hash(f'hank{n}'.encode(), 0, signed=False):08x}" for n in range(USERS)}
+    users = {str(xxhash.xxh32_intdigest(f"hank{n}#0".encode())) for n in range(USERS)}
     assert set(per_key) == users, per_key
     assert all(len(workers) == 1 for workers in per_key.values()), per_key
 

@@ -37,7 +37,7 @@ from spoa.demo.stack import haproxy_at_least, haproxy_binary, haproxy_version, s
 from spoa.demo.workers import DemoWorker, WorkerSpec
 from spoa.traffic import one_per_key
 from tests.integration.harness import wait_until
-from tests.k8s_render import container, kustomize, one, pod_spec
+from tests.k8s_render import container, containers, kustomize, one, pod_spec
 
 pytestmark = pytest.mark.integration
 
@@ -225,7 +225,7 @@ def layout_volumes(pod: Pod) -> None:
     """Each container's volume mounts, filled from the rendered ConfigMaps."""
     spec = pod_spec(pod.documents)
     volumes = {v["name"]: v for v in spec["volumes"]}
-    for c in spec["containers"]:
+    for c in containers(pod.documents):
         for mount in c.get("volumeMounts", []):
             volume = volumes[mount["name"]]
             target = pod.root / container_dir(c["name"], mount["mountPath"])
@@ -297,7 +297,13 @@ class Network:
         )
         return namespace, self.host(n)
 
+    def short_root(self, n: int) -> Path:
+        """A short path for router pod ``n``'s files (a symlink, removed by :meth:`delete`)."""
+        return Path("/tmp") / f"spoa-pod-{self.tag}-{n}"
+
     def delete(self) -> None:
+        for link in Path("/tmp").glob(f"spoa-pod-{self.tag}-*"):
+            link.unlink(missing_ok=True)
         for namespace in self.namespaces:
             subprocess.run(["ip", "netns", "delete", namespace], capture_output=True, check=False)
             shutil.rmtree(Path("/etc/netns") / namespace, ignore_errors=True)
@@ -309,8 +315,17 @@ def start_pod(
 ) -> Pod:
     """A router pod of the rendered manifests at address ``n``, its agent and HAProxy up."""
     namespace, ip = network.attach(n, dns)
-    pod = Pod(namespace, ip, root, documents)
+    # The pod's files under a short name: HAProxy refuses a unix socket path
+    # (the runtime API's, in the fallback volume) longer than 97 bytes.
+    root.mkdir(parents=True, exist_ok=True)
+    short = network.short_root(n)
+    short.symlink_to(root)
+    pod = Pod(namespace, ip, short, documents)
     layout_volumes(pod)
+    # Init containers first, each to its end, as the kubelet runs them.
+    for init in pod_spec(documents).get("initContainers", []):
+        pod.start(init["name"], str(SPOA))
+        assert pod.procs[init["name"]].wait(30) == 0, pod.log_lines(init["name"])
     pod.start("agent", str(SPOA))
     pod.start("haproxy", haproxy_binary())
     agent_port = pod.port("agent", "agent-http")

@@ -2,8 +2,8 @@
 
 Nothing here is a test-only copy of the configuration: HAProxy runs the file
 in haproxy/ with its environment variables pointing at loopback, finds the
-demo workers through DNS SRV records, asks the agent, and falls back to the
-Lua action when the agent is gone.
+demo workers through DNS SRV records, asks the agent, and routes by the
+fallback map when the agent is gone.
 """
 
 from __future__ import annotations
@@ -16,14 +16,18 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from spoa.demo.client import Outcome
 from spoa.demo.stack import DemoStack
 from spoa.demo.workers import DemoWorker, WorkerSpec
+from spoa.policy import Request, load_policy
 from spoa.traffic import Deployment, TrafficRequest, generate
+from tests.integration.harness import wait_until
 from tests.integration.stack_runner import StackRunner, log_fields, running_stack
+from tests.policy_edits import ADDED, MOVED, edited_synapse_policy
 
 pytestmark = pytest.mark.integration
 
@@ -161,30 +165,30 @@ def test_every_class_of_simple_reaches_its_backend(tmp_path: Path) -> None:
             outcome, fields = sent(runner, request)
             assert (outcome.status, outcome.worker_class) == (200, worker_class), request
             assert fields["via"] == "agent"
-        # The fallback configured for this policy keeps the same classes.
+        # The fallback, by the same policy, keeps the same classes and rules.
         runner.kill_agent()
         runner.wait_agent("DOWN")
         for worker_class, request in SIMPLE_SAMPLES.items():
-            if worker_class == "main":
-                continue  # SSO is a policy rule the fallback does not know
             outcome, fields = sent(runner, request)
             assert (outcome.status, outcome.worker_class) == (200, worker_class), request
             assert fields["via"] == "fallback"
 
 
-class TablelessStack(DemoStack):
-    """HAProxy's fallback reads a table nobody writes: the agent's goes elsewhere."""
+class EmptyMapStack(DemoStack):
+    """HAProxy's fallback reads an empty map nobody keeps: the agent's file is another."""
 
     def haproxy_env(self) -> dict[str, str]:
         env = super().haproxy_env()
-        env["SPOA_FALLBACK_TABLE"] = str(self.workdir / "never-written.table")
+        empty = self.workdir / "empty.map"
+        empty.touch()
+        env["SPOA_FALLBACK_MAP"] = str(empty)
         return env
 
 
-def test_without_a_fallback_table_the_main_process_answers_once_the_agent_is_down(
+def test_with_an_empty_fallback_map_the_main_process_answers_once_the_agent_is_down(
     tmp_path: Path,
 ) -> None:
-    with running_stack(tmp_path, SIMPLE, factory=TablelessStack) as runner:
+    with running_stack(tmp_path, SIMPLE, factory=EmptyMapStack) as runner:
         request = SIMPLE_SAMPLES["sync"]
         outcome, fields = sent(runner, request)
         assert (outcome.worker_class, fields["via"]) == ("sync", "agent")
@@ -196,8 +200,71 @@ def test_without_a_fallback_table_the_main_process_answers_once_the_agent_is_dow
         assert (fields["via"], fields["class"], fields["rule"]) == (
             "fallback",
             "-",
-            "fallback_no_table",
+            "fallback_no_map",
         )
+
+
+def agent_status(runner: StackRunner[DemoStack]) -> dict[str, Any]:
+    address = runner.stack.agent_http
+    with urllib.request.urlopen(f"http://{address}/status.json", timeout=5) as response:
+        status: dict[str, Any] = json.loads(response.read())
+    return status
+
+
+def test_a_policy_edit_reaches_the_running_fallback_with_no_reload(tmp_path: Path) -> None:
+    """A rule moved, a federation read added: applied by the agent, pushed into HAProxy's
+    map through its runtime API; with the agent then killed, the fallback routes by it."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(SYNAPSE.read_text())
+    with running_stack(tmp_path / "stack", policy) as runner:
+        haproxy = runner.stack.haproxy
+        assert haproxy is not None
+        moved = req("GET", MOVED[0] + "?since=s1")
+        added = req("GET", ADDED[0], XMATRIX)
+        assert sent(runner, moved)[1]["rule"] == "sync"
+        edited = edited_synapse_policy(tmp_path)
+        edited.replace(policy)
+        version = load_policy(str(policy)).version
+        wait_until(lambda: sent(runner, moved)[1]["rule"] == MOVED[2], 15, "the edit applied")
+        wait_until(
+            lambda: (
+                (agent_status(runner)["fallback_map"] or {}).get("in_sync") is True
+                and agent_status(runner)["policy"]["version"] == version
+            ),
+            15,
+            "the edited policy's map in HAProxy",
+        )
+        runner.kill_agent()
+        runner.wait_agent("DOWN")
+        for request, (_, worker_class, rule) in ((moved, MOVED), (added, ADDED)):
+            outcome, fields = sent(runner, request)
+            assert (outcome.worker_class, fields["rule"]) == (worker_class, rule)
+            assert (fields["via"], fields["policy"]) == ("fallback", version)
+        # The same HAProxy all along: nothing was reloaded.
+        assert haproxy.poll() is None and runner.stack.haproxy is haproxy
+        assert "reload" not in runner.log().lower()
+
+
+class AgentlessStack(DemoStack):
+    """The router with no agent at all: HAProxy alone, with the map made before it started."""
+
+    def start_agent(self) -> None:
+        pass
+
+
+def test_an_haproxy_without_its_agent_routes_by_the_map_made_before_it_started(
+    tmp_path: Path,
+) -> None:
+    policy = load_policy(str(SYNAPSE))
+    with running_stack(tmp_path, SYNAPSE, factory=AgentlessStack, expect_agent=False) as runner:
+        for worker_class, request in SYNAPSE_SAMPLES.items():
+            outcome, fields = sent(runner, request)
+            assert (outcome.status, outcome.worker_class) == (200, worker_class), request
+            assert (fields["via"], fields["policy"]) == ("fallback", policy.version)
+            decision = policy.decide(
+                Request(request.method, request.path, request.query, request.auth)
+            )
+            assert fields["key"] == (str(decision.key) if decision.key is not None else "-")
 
 
 def test_replication_paths_are_refused_from_outside(synapse_stack: StackRunner[DemoStack]) -> None:
