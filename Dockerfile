@@ -23,9 +23,12 @@ RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
 
 # The bundled policies; mount your own directory over /etc/spoa/policies.
 COPY policies /etc/spoa/policies
-# Where the agent writes the Lua fallback's table for HAProxy (a volume both
-# share); owned by the agent's user, so a new volume is too.
-RUN mkdir -p /run/matrix-spoa && chown nobody /run/matrix-spoa
+# Where the agent writes the fallback's map for HAProxy and HAProxy makes its
+# runtime API socket (a volume both share): the agent's, and writable by
+# HAProxy's group (99, the official image's haproxy user); a new volume
+# copies this directory.
+RUN mkdir -p /run/matrix-spoa && chown nobody:99 /run/matrix-spoa \
+    && chmod 2775 /run/matrix-spoa
 
 USER nobody
 # SPOP for HAProxy, and the agent's HTTP endpoint (metrics, health, status page).
@@ -33,4 +36,5 @@ EXPOSE 12345 12346
 ENTRYPOINT ["spoa"]
 CMD ["serve", "--policy", "/etc/spoa/policies/synapse-workers.yaml", \
      "--listen", "0.0.0.0:12345", "--http", "0.0.0.0:12346", \
-     "--fallback-table", "/run/matrix-spoa/fallback.table"]
+     "--fallback-map", "/run/matrix-spoa/fallback.map", \
+     "--haproxy-socket", "/run/matrix-spoa/haproxy.sock"]
