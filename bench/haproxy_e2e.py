@@ -7,7 +7,8 @@ one run, each for the same Matrix request mix:
             paths, first match wins: what an operator deploys without the
             agent) and hashing on the Authorization header
   agent     the shipped haproxy.cfg and spoe-router.conf, with the agent
-  fallback  the shipped haproxy.cfg with the agent down: the Lua fallback routes
+  fallback  the shipped haproxy.cfg with the agent down: HAProxy routes by the
+            fallback map made from the policy
 
 HAProxy and the agent run on CPU 0; the load generator (wrk, Debian's
 package) and the backends (one more HAProxy answering as the workers) on CPU 1.
@@ -20,7 +21,7 @@ line per configuration:
 Usage:
     python bench/haproxy_e2e.py [--seconds 10] [--rounds 3] [--haproxy PATH]
                                 [--connections 50] [--policy FILE]
-                                [--lua DIR] [--conf DIR] [--also DIR ...]
+                                [--conf DIR] [--also DIR ...]
 """
 
 from __future__ import annotations
@@ -330,12 +331,6 @@ def main() -> int:
     parser.add_argument("--haproxy", help="the HAProxy binary (default: the system's)")
     parser.add_argument("--policy", default=str(ROOT / "policies" / "synapse-workers.yaml"))
     parser.add_argument(
-        "--lua",
-        metavar="DIR",
-        help="the fallback configuration loads DIR/matrix_fallback.lua instead of lua/ "
-        "(to compare variants of the fallback)",
-    )
-    parser.add_argument(
         "--conf",
         metavar="DIR",
         help="the agent and fallback configurations load DIR/haproxy.cfg and "
@@ -346,9 +341,9 @@ def main() -> int:
         metavar="DIR",
         action="append",
         default=[],
-        help="one more fallback configuration, from DIR/haproxy.cfg (and DIR/matrix_fallback.lua "
-        "if there is one), measured in the same rounds as fallback-<name of DIR> (repeatable: "
-        "variants side by side)",
+        help="one more fallback configuration, from DIR/haproxy.cfg (and DIR's other files: "
+        "DIR is laid out as haproxy/), measured in the same rounds as fallback-<name of DIR> "
+        "(repeatable: variants side by side)",
     )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -398,10 +393,6 @@ def main() -> int:
                 router.haproxy_dir = Path(args.conf).resolve()
             if name in variants:
                 router.haproxy_dir = variants[name]
-                if (variants[name] / "matrix_fallback.lua").exists():
-                    router.lua_dir = variants[name]
-            if name == "fallback" and args.lua:
-                router.lua_dir = Path(args.lua)
             loop.call(router.start_dns())
             for worker_class, endpoints in workers.items():
                 if worker_class != "main":

@@ -16,10 +16,15 @@ that are not UTF-8 are surrogate escapes, so that ``text.encode("utf-8",
 from __future__ import annotations
 
 import re
+import re._constants as sre  # type: ignore[import-not-found]
+import re._parser as sre_parse  # type: ignore[import-not-found]
 from typing import Final
+from urllib.parse import unquote_to_bytes
 
 import xxhash
 
+#: A ``%`` not followed by two hex digits: ``url_dec`` fails on it.
+_BAD_ESCAPE: Final = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 _HEX: Final = frozenset("0123456789abcdefABCDEF")
 
 #: base64url's values by character, from HAProxy's ubase64rev table: "-" is
@@ -49,7 +54,40 @@ def regsub(regex: re.Pattern[str], text: str, replacement: str, every: bool = Fa
     written so that Python and PCRE read them alike (``\\xHH`` for quotes,
     backslashes, spaces and dollars, ``\\Z`` for the end: they stand verbatim
     in haproxy.cfg)."""
+    if not every:
+        groups = _whole_match_groups(regex, replacement)
+        if groups is not None:
+            # The regex matches the whole input or nothing: the answer is its
+            # groups, without sub()'s template expansion (the hot path).
+            found = regex.match(text)
+            if found is None:
+                return text
+            if len(groups) == 1:
+                return found.group(groups[0]) or ""
+            return "".join(found.group(g) or "" for g in groups)
     return regex.sub(replacement, text, count=0 if every else 1)
+
+
+_GROUPS: Final = re.compile(r"(?:\\[1-9])+\Z")
+_WHOLE: dict[tuple[re.Pattern[str], str], tuple[int, ...] | None] = {}
+
+
+def _whole_match_groups(regex: re.Pattern[str], replacement: str) -> tuple[int, ...] | None:
+    """The groups ``replacement`` names (``\\1\\2``), when ``regex`` is anchored at both
+    ends (``^...\\Z``, no multi-line flag): then its one possible match is the whole
+    input, which sub() replaces by those groups. None for any other regex."""
+    key = (regex, replacement)
+    if key not in _WHOLE:
+        items = list(sre_parse.parse(regex.pattern, regex.flags))
+        anchored = (
+            len(items) >= 2
+            and items[0] == (sre.AT, sre.AT_BEGINNING)
+            and items[-1] == (sre.AT, sre.AT_END_STRING)
+            and not regex.flags & re.MULTILINE
+            and _GROUPS.match(replacement) is not None
+        )
+        _WHOLE[key] = tuple(int(d) for d in replacement[1::2]) if anchored else None
+    return _WHOLE[key]
 
 
 def url_dec(text: str) -> str | None:
@@ -59,6 +97,11 @@ def url_dec(text: str) -> str | None:
     if "%" not in text and "+" not in text and "\x00" not in text:
         return text
     raw = to_bytes(text)
+    if b"+" not in raw and b"\x00" not in raw:
+        # Escapes only (room IDs, tokens): the byte loop below, in C.
+        if _BAD_ESCAPE.search(raw):
+            return None
+        return to_text(unquote_to_bytes(raw))
     out = bytearray()
     in_form = False
     i, size = 0, len(raw)
