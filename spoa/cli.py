@@ -272,10 +272,11 @@ class _FallbackMap:
             self.publish(holder.current)
 
     def publish(self, policy: CompiledPolicy) -> None:
+        entries = map_entries(policy)
         if self.path:
-            publish(policy, self.path)
+            publish(policy, self.path, entries)
         if self.keeper is not None:
-            self.keeper.want(map_entries(policy), policy.version)
+            self.keeper.want(entries, policy.version)
 
 
 async def _serve(args: argparse.Namespace) -> int:

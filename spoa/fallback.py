@@ -87,10 +87,13 @@ def map_entries(policy: CompiledPolicy) -> list[tuple[str, str]]:
     return entries
 
 
-def fallback_map(policy: CompiledPolicy) -> str:
-    """The map file for ``policy``: a header naming the policy, then :func:`map_entries`."""
+def fallback_map(policy: CompiledPolicy, entries: list[tuple[str, str]] | None = None) -> str:
+    """The map file for ``policy``: a header naming the policy, then its entries
+    (:func:`map_entries`, unless the caller has them already)."""
     lines = [f"# {FORMAT}: policy {policy.spec.name} {policy.version}"]
-    lines += [f"{regex} {value}" for regex, value in map_entries(policy)]
+    if entries is None:
+        entries = map_entries(policy)
+    lines += [f"{regex} {value}" for regex, value in entries]
     return "\n".join(lines) + "\n"
 
 
@@ -121,11 +124,15 @@ def write_map(path: str | os.PathLike[str], text: str) -> bool:
     return True
 
 
-def publish(policy: CompiledPolicy, path: str | os.PathLike[str]) -> bool:
+def publish(
+    policy: CompiledPolicy,
+    path: str | os.PathLike[str],
+    entries: list[tuple[str, str]] | None = None,
+) -> bool:
     """Write ``policy``'s map to ``path`` for the HAProxy that starts next; False (logged)
     if it cannot be written. The agent calls this for every policy it loads."""
     try:
-        changed = write_map(path, fallback_map(policy))
+        changed = write_map(path, fallback_map(policy, entries))
     except OSError as exc:
         log.error("fallback map %s not updated: %s", path, exc.strerror or exc)
         return False

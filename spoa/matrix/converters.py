@@ -48,46 +48,51 @@ def to_text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-def regsub(regex: re.Pattern[str], text: str, replacement: str, every: bool = False) -> str:
-    """``regsub``: the first match (``every``: each match, the ``g`` flag) replaced, the
-    input unchanged when nothing matches. The regexes given to it here are
-    written so that Python and PCRE read them alike (``\\xHH`` for quotes,
-    backslashes, spaces and dollars, ``\\Z`` for the end: they stand verbatim
-    in haproxy.cfg)."""
-    if not every:
-        groups = _whole_match_groups(regex, replacement)
+class Regsub:
+    """``regsub(regex,replacement[,g])``, made once: called with a string, the first match
+    (``every``: each match, the ``g`` flag) replaced, the input unchanged when nothing
+    matches. The regexes given to it here are written so that Python and PCRE read
+    them alike (``\\xHH`` for quotes, backslashes, spaces and dollars, ``\\Z`` for the
+    end: they stand verbatim in haproxy.cfg)."""
+
+    __slots__ = ("_count", "_groups", "regex", "replacement")
+
+    def __init__(self, pattern: str | re.Pattern[str], replacement: str, every: bool = False):
+        self.regex = re.compile(pattern)
+        self.replacement = replacement
+        self._count = 0 if every else 1
+        self._groups = None if every else _whole_match_groups(self.regex, replacement)
+
+    def __call__(self, text: str) -> str:
+        groups = self._groups
         if groups is not None:
             # The regex matches the whole input or nothing: the answer is its
             # groups, without sub()'s template expansion (the hot path).
-            found = regex.match(text)
+            found = self.regex.match(text)
             if found is None:
                 return text
             if len(groups) == 1:
                 return found.group(groups[0]) or ""
             return "".join(found.group(g) or "" for g in groups)
-    return regex.sub(replacement, text, count=0 if every else 1)
+        return self.regex.sub(self.replacement, text, count=self._count)
 
 
 _GROUPS: Final = re.compile(r"(?:\\[1-9])+\Z")
-_WHOLE: dict[tuple[re.Pattern[str], str], tuple[int, ...] | None] = {}
 
 
 def _whole_match_groups(regex: re.Pattern[str], replacement: str) -> tuple[int, ...] | None:
     """The groups ``replacement`` names (``\\1\\2``), when ``regex`` is anchored at both
     ends (``^...\\Z``, no multi-line flag): then its one possible match is the whole
     input, which sub() replaces by those groups. None for any other regex."""
-    key = (regex, replacement)
-    if key not in _WHOLE:
-        items = list(sre_parse.parse(regex.pattern, regex.flags))
-        anchored = (
-            len(items) >= 2
-            and items[0] == (sre.AT, sre.AT_BEGINNING)
-            and items[-1] == (sre.AT, sre.AT_END_STRING)
-            and not regex.flags & re.MULTILINE
-            and _GROUPS.match(replacement) is not None
-        )
-        _WHOLE[key] = tuple(int(d) for d in replacement[1::2]) if anchored else None
-    return _WHOLE[key]
+    items = list(sre_parse.parse(regex.pattern, regex.flags))
+    anchored = (
+        len(items) >= 2
+        and items[0] == (sre.AT, sre.AT_BEGINNING)
+        and items[-1] == (sre.AT, sre.AT_END_STRING)
+        and not regex.flags & re.MULTILINE
+        and _GROUPS.match(replacement) is not None
+    )
+    return tuple(int(d) for d in replacement[1::2]) if anchored else None
 
 
 def url_dec(text: str) -> str | None:

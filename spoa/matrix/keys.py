@@ -8,13 +8,12 @@ has nothing to key on. docs/policy.md describes each value.
 
 from __future__ import annotations
 
-import re
 import socket
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 from typing import Final, Protocol
 
-from .converters import regsub
+from .converters import Regsub
 from .rooms import ROOM, room_from_path
 from .tokens import BEARER, QUERY_TOKEN, access_token, syt_localpart
 from .xmatrix import ESCAPE, ORIGIN, xmatrix_origin
@@ -63,7 +62,7 @@ def room_key(request: RequestParts) -> tuple[str, str] | None:
 #: An IPv4-mapped IPv6 address as HAProxy writes it, to its IPv4 address.
 #: Verbatim in haproxy.cfg.
 MAPPED: Final = r"^::[Ff][Ff][Ff][Ff]:([0-9.]+)\Z"
-_MAPPED: Final = re.compile(MAPPED)
+_MAPPED: Final = Regsub(MAPPED, r"\1")
 
 
 def src_key(request: RequestParts) -> tuple[str, str] | None:
@@ -76,7 +75,7 @@ def src_key(request: RequestParts) -> tuple[str, str] | None:
         text = socket.inet_ntop(socket.AF_INET6, src.packed)
     else:
         text = str(src)
-    return ("src", regsub(_MAPPED, text, r"\1") if text[:2] == "::" else text)
+    return ("src", _MAPPED(text) if text[:2] == "::" else text)
 
 
 def origin_key(request: RequestParts) -> tuple[str, str] | None:

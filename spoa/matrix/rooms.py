@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from typing import Final
 
-from .converters import regsub, url_dec
+from .converters import Regsub, url_dec
 
 #: The segment after the first /rooms/, /join/ or /knock/ of a path: a room ID
 #: (!opaque:domain, or !hash in room v12) or an alias (#alias:domain), raw or
 #: percent-encoded; empty when there is none. Verbatim in haproxy.cfg.
 ROOM: Final = r"^(?:.*?/(?:rooms|join|knock)/([^/]+).*|.*)\Z"
-_ROOM: Final = re.compile(ROOM)
+_ROOM: Final = Regsub(ROOM, r"\1")
 
 
 def room_from_path(path: str) -> str | None:
@@ -23,7 +22,7 @@ def room_from_path(path: str) -> str | None:
     """
     if "/rooms/" not in path and "/join/" not in path and "/knock/" not in path:
         return None
-    segment = regsub(_ROOM, path, r"\1")
+    segment = _ROOM(path)
     if not segment:
         return None
     decoded = url_dec(segment)

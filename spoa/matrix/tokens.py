@@ -12,11 +12,10 @@ regexes below verbatim in haproxy.cfg (:mod:`spoa.matrix.converters`).
 
 from __future__ import annotations
 
-import re
 from typing import Final
 
 from ..memo import Memo
-from .converters import bin_to_str, regsub, to_text, ub64dec, url_dec
+from .converters import Regsub, bin_to_str, to_text, ub64dec, url_dec
 
 #: The token of ``Authorization: Bearer <token>`` (the scheme in any case, one
 #: space, then spaces and tabs skipped); empty for any other header.
@@ -25,8 +24,8 @@ BEARER: Final = r"^(?:[Bb][Ee][Aa][Rr][Ee][Rr]\x20[\x20\t]*(.*)|.*)\Z"
 #: (empty if it has none, or none with ``=``).
 QUERY_TOKEN: Final = r"^(?:(?:(?!access_token(?:[=&]|\Z))[^&]*&)*access_token=([^&]*).*|.*)\Z"
 
-_BEARER: Final = re.compile(BEARER)
-_QUERY_TOKEN: Final = re.compile(QUERY_TOKEN)
+_BEARER: Final = Regsub(BEARER, r"\1")
+_QUERY_TOKEN: Final = Regsub(QUERY_TOKEN, r"\1")
 
 #: The localpart (or None) of each ``syt_`` token seen: clients send the same
 #: token with every request. Synapse's tokens are well under 256 characters;
@@ -34,15 +33,22 @@ _QUERY_TOKEN: Final = re.compile(QUERY_TOKEN)
 _SYT_LOCALPARTS: Memo[str, str | None] = Memo(65536, max_key=256)
 
 
+#: The token of each Authorization header seen, for the same reason and with
+#: the same bounds.
+_BEARER_TOKENS: Memo[str, str] = Memo(65536, max_key=256)
+
+
 def access_token(auth: str | None, query: str | None) -> str | None:
     """The access token: the Bearer header first, ``?access_token=`` second (decoded
     once, or raw if it holds a bad escape)."""
     if auth:
-        token = regsub(_BEARER, auth, r"\1")
+        token = _BEARER_TOKENS.get(auth)
+        if token is None:
+            token = _BEARER_TOKENS.remember(auth, _BEARER(auth))
         if token:
             return token
     if query and "access_token" in query:
-        value = regsub(_QUERY_TOKEN, query, r"\1")
+        value = _QUERY_TOKEN(query)
         if value:
             decoded = url_dec(value)
             return value if decoded is None else decoded

@@ -16,10 +16,9 @@ are undone.
 
 from __future__ import annotations
 
-import re
 from typing import Final
 
-from .converters import regsub
+from .converters import Regsub
 
 _NAME: Final = r"[!#\x24%&\x27*+.^_`|~0-9A-Za-z-]+"
 _QUOTED: Final = r"\x22((?:[^\x22\x5c]|\x5c.)*)\x22"
@@ -38,8 +37,8 @@ ORIGIN: Final = (
 #: A backslash escape, undone (``\\x`` gives ``x``). Verbatim in haproxy.cfg.
 ESCAPE: Final = r"\x5c(.)"
 
-_ORIGIN: Final = re.compile(ORIGIN)
-_ESCAPE: Final = re.compile(ESCAPE)
+_ORIGIN: Final = Regsub(ORIGIN, r"\1\2")
+_ESCAPE: Final = Regsub(ESCAPE, r"\1", every=True)
 
 
 def xmatrix_origin(auth: str | None) -> str | None:
@@ -51,7 +50,7 @@ def xmatrix_origin(auth: str | None) -> str | None:
     """
     if not auth or auth[:8].lower() != "x-matrix":
         return None
-    value = regsub(_ORIGIN, auth, r"\1\2")
+    value = _ORIGIN(auth)
     if "\\" in value:
-        value = regsub(_ESCAPE, value, r"\1", every=True)
+        value = _ESCAPE(value)
     return value or None

@@ -95,16 +95,17 @@ class Project:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         return out.stdout
 
-    def containers(self, service: str) -> list[str]:
+    def _ps(self, service: str, *options: str) -> list[str]:
+        """``podman ps`` of this project's containers of ``service``, one word each."""
         out = subprocess.run(
             [
                 "podman",
                 "ps",
-                "-q",
                 "--filter",
                 f"label=com.docker.compose.project={self.name}",
                 "--filter",
                 f"label=com.docker.compose.service={service}",
+                *options,
             ],
             capture_output=True,
             text=True,
@@ -113,27 +114,11 @@ class Project:
         )
         return out.stdout.split()
 
+    def containers(self, service: str) -> list[str]:
+        return self._ps(service, "-q")
+
     def exit_codes(self, service: str) -> list[str]:
-        out = subprocess.run(
-            [
-                "podman",
-                "ps",
-                "-a",
-                "--filter",
-                f"label=com.docker.compose.project={self.name}",
-                "--filter",
-                f"label=com.docker.compose.service={service}",
-                "--filter",
-                "status=exited",
-                "--format",
-                "{{.ExitCode}}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        )
-        return out.stdout.split()
+        return self._ps(service, "-a", "--filter", "status=exited", "--format", "{{.ExitCode}}")
 
     def servers_up(self, backend: str) -> int:
         conn = http.client.HTTPConnection("127.0.0.1", 8404, timeout=5)

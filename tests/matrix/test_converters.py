@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import base64
-import re
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spoa.matrix.converters import bin_to_str, regsub, to_bytes, to_text, ub64dec, url_dec, xxh32
+from spoa.matrix.converters import (
+    Regsub,
+    bin_to_str,
+    to_bytes,
+    to_text,
+    ub64dec,
+    url_dec,
+    xxh32,
+)
 
 
 @pytest.mark.parametrize(
@@ -80,7 +87,16 @@ def test_xxh32_gives_the_published_digests(data: bytes, digest: int) -> None:
 
 
 def test_regsub_replaces_the_first_match_or_every_one() -> None:
-    pattern = re.compile(r"\x5c(.)")
-    assert regsub(pattern, r"a\bc\d", r"\1") == r"abc\d"
-    assert regsub(pattern, r"a\bc\d", r"\1", every=True) == "abcd"
-    assert regsub(pattern, "none", r"\1") == "none"
+    first, every = Regsub(r"\x5c(.)", r"\1"), Regsub(r"\x5c(.)", r"\1", every=True)
+    assert first(r"a\bc\d") == r"abc\d"
+    assert every(r"a\bc\d") == "abcd"
+    assert first("none") == "none"
+
+
+def test_regsub_of_a_whole_string_regex_gives_its_groups_or_the_input() -> None:
+    # Anchored at both ends: the one match is the whole input (the fast path).
+    both = Regsub(r"^(?:a(b)?(c)|.*)\Z", r"\1\2")
+    assert both("abc") == "bc"
+    assert both("ac") == "c"
+    assert both("zzz") == ""
+    assert Regsub(r"^x(y)\Z", r"\1")("nope") == "nope"

@@ -284,3 +284,20 @@ def test_a_long_syt_token_is_decoded_every_time_and_not_memoised() -> None:
     short = "syt_YWxpY2U_abc_def"
     assert syt_localpart(short) == "alice"
     assert short in _SYT_LOCALPARTS
+
+
+def test_the_bearer_token_of_a_header_is_memoised_within_bounds() -> None:
+    from spoa.matrix.tokens import _BEARER_TOKENS
+
+    header = "Bearer syt_Ym9i_memo_test"
+    assert access_token(header, None) == "syt_Ym9i_memo_test"
+    assert _BEARER_TOKENS[header] == "syt_Ym9i_memo_test"
+    # Remembered, the answer is the same; a header that is no Bearer one is
+    # remembered as having none, and the query is still read.
+    assert access_token(header, None) == "syt_Ym9i_memo_test"
+    assert access_token("Basic abc", "access_token=q") == "q"
+    assert access_token("Basic abc", "access_token=q") == "q"
+    assert _BEARER_TOKENS["Basic abc"] == ""
+    long_header = "Bearer " + "t" * 300
+    assert access_token(long_header, None) == "t" * 300
+    assert long_header not in _BEARER_TOKENS
