@@ -23,6 +23,7 @@ from .httpd import HttpServer
 from .metrics import AgentCollector, build_registry
 from .policy import CompiledPolicy, Decision, PolicyError, Request, WhoamiSpec, load_policy
 from .policy.reload import PolicyHolder, ReloadResult
+from .policy.show import effective, format_text
 from .routing import RouteHandler, static_actions
 from .server import Handler, Limits, SpopServer, parse_listen, static_handler
 from .stats import DecisionStats
@@ -227,13 +228,32 @@ def _add_explain(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
 
 
+def _add_show(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """spoa show: the policy in effect."""
+    show = _policy_command(
+        commands,
+        "show",
+        "show the policy in effect, after extends",
+        "Print the rules POLICY routes by, in the order they are tried, each with the file and "
+        "line it comes from and the patches made to it.",
+    )
+    show.add_argument("--json", action="store_true", help="as one JSON document")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spoa", description="SPOE agent that routes Matrix Synapse requests for HAProxy."
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_serve, _add_check, _add_fallback, _add_explain, demo_commands.add):
+    for add in (
+        _add_serve,
+        _add_check,
+        _add_fallback,
+        _add_explain,
+        _add_show,
+        demo_commands.add,
+    ):
         add(commands)
     return parser
 
@@ -611,6 +631,17 @@ def _explain(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return _explain_all(policy, [request], not args.no_whoami, out)
 
 
+def _show(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    policy = _load_reporting(args.policy, err, count=True)
+    if policy is None:
+        return 1
+    if args.json:
+        print(json.dumps(effective(policy), indent=2), file=out)
+    else:
+        out.write(format_text(policy))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
@@ -630,6 +661,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fallback(args, sys.stdout, sys.stderr)
     if args.command == "explain":
         return _explain(args, sys.stdout, sys.stderr)
+    if args.command == "show":
+        return _show(args, sys.stdout, sys.stderr)
     if args.command in demo_commands.NAMES:
         return demo_commands.run(args)
     parser.error(f"unknown command {args.command}")

@@ -374,3 +374,62 @@ def test_the_agent_s_commands_load_none_of_the_demo_s_modules() -> None:
     assert "spoa.demo.commands" in loaded
     demo = {"spoa.traffic", *(m for m in loaded if m.startswith("spoa.demo."))}
     assert demo & set(loaded) == {"spoa.demo.commands"}, loaded
+
+
+def test_show_lists_the_rules_in_effect_with_their_origin_and_patches(tmp_path: Path) -> None:
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        "version: 1\nextends: synapse-workers\nrules:\n"
+        "  patch: [{name: typing, class: main}]\n"
+        "  before: [{name: bridge, class: main, key: user, path: '^/bridge/', methods: [PUT]}]\n"
+    )
+    result = spoa("show", str(site))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"{site}: policy synapse-workers version ")
+    assert lines[0].endswith(", extends synapse-workers")
+    rules = [line for line in lines if line[:3].strip().rstrip(".").isdigit()]
+    policy = load_policy(str(site))
+    assert len(rules) == len(policy.rules) == 25
+    assert rules[0] == f" 1. bridge -> main, key user  ({site}:5)"
+    typing = next(line for line in rules if ". typing ->" in line)
+    assert typing.startswith(" 2. typing -> main, key none  (policies/synapse-workers.yaml:")
+    assert typing.endswith(f", patched at {site}:4)")
+    assert "methods PUT" in lines[lines.index(rules[0]) + 1]
+    assert lines[-1].strip() == "default -> main, key none"
+    # In the order decide() tries them, all of them.
+    assert [line.split(". ", 1)[1].split(" ->")[0] for line in rules] == [
+        r.name for r in policy.rules
+    ]
+
+
+def test_show_json_is_the_effective_policy(tmp_path: Path) -> None:
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        "version: 1\nextends: synapse-workers\nrules:\n  patch: [{name: typing, class: main}]\n"
+    )
+    result = spoa("show", str(site), "--json")
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    policy = load_policy(str(site))
+    assert shown["version"] == policy.version
+    assert shown["extends"] == "synapse-workers"
+    assert [r["name"] for r in shown["rules"]] == [r.name for r in policy.rules]
+    typing = next(r for r in shown["rules"] if r["name"] == "typing")
+    assert typing["class"] == "main"
+    assert typing["source"].endswith("policies/synapse-workers.yaml")
+    assert typing["patches"] == [f"{site}:4"]
+    sync = next(r for r in shown["rules"] if r["name"] == "initial_sync")
+    assert sync["query"] == {"present": [], "absent": ["since"]}
+    assert sync["methods"] is None and sync["patches"] == []
+
+
+def test_show_of_a_broken_policy_lists_the_errors_and_exits_1(tmp_path: Path) -> None:
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        "version: 1\nextends: synapse-workers\nrules:\n  patch: [{name: nope, key: user}]\n"
+    )
+    result = spoa("show", str(site))
+    assert result.returncode == 1
+    assert f"{site}:4: rules.patch[0].name: no rule 'nope' to patch in" in result.stderr
+    assert result.stdout == ""

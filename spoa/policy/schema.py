@@ -33,6 +33,7 @@ base rules to remove). Reading the base is the caller's job (see
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -141,6 +142,8 @@ class RuleSpec:
     line: int
     #: The file the rule is written in (a base policy's, for inherited rules).
     source: str = ""
+    #: Where each patch of it was made (``file:line``), in the order applied.
+    patches: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -556,7 +559,7 @@ def _rule_list(
 def _rule_edits(
     checker: _Checker, node: Node | None, classes: list[str], parent: PolicySpec
 ) -> list[RuleSpec]:
-    """The base's rules with ``before``, ``after``, ``replace`` and ``drop`` applied."""
+    """The base's rules with ``before``, ``after``, ``replace``, ``patch`` and ``drop`` applied."""
     inherited = [rule.name for rule in parent.rules]
     if node is None:
         return list(parent.rules)
@@ -565,10 +568,10 @@ def _rule_edits(
             node,
             "rules",
             "a policy that extends another changes its rules with a mapping of "
-            "before, after, replace and drop, not a list",
+            "before, after, replace, patch and drop, not a list",
         )
         return []
-    fields = checker.mapping(node, "rules", set(), {"before", "after", "replace", "drop"})
+    fields = checker.mapping(node, "rules", set(), {"before", "after", "replace", "patch", "drop"})
     if fields is None:
         return []
     known = ", ".join(inherited) or "none"
@@ -603,6 +606,8 @@ def _rule_edits(
                 checker.error(rule_node, where, f"rule {rule.name!r} is both replaced and dropped")
             else:
                 replaced[rule.name] = rule
+    if "patch" in fields:
+        _patches(checker, fields["patch"], classes, parent, dropped, replaced)
     added: dict[str, list[RuleSpec]] = {"before": [], "after": []}
     for place, target in added.items():
         if place not in fields:
@@ -621,6 +626,49 @@ def _rule_edits(
                 target.append(rule)
     kept = [replaced.get(r.name, r) for r in parent.rules if r.name not in dropped]
     return [*added["before"], *kept, *added["after"]]
+
+
+def _patches(
+    checker: _Checker,
+    node: Node,
+    classes: list[str],
+    parent: PolicySpec,
+    dropped: dict[str, Node],
+    replaced: dict[str, RuleSpec],
+) -> None:
+    """Each patch of ``rules.patch`` applied to its base rule, into ``replaced``."""
+    if not isinstance(node, SequenceNode):
+        checker.error(node, "rules.patch", f"expected a list of patches, found {_kind(node)}")
+        return
+    base = {rule.name: rule for rule in parent.rules}
+    known = ", ".join(base) or "none"
+    patched: set[str] = set()
+    for i, patch_node in enumerate(node.value):
+        path = f"rules.patch[{i}]"
+        name_node = None
+        if isinstance(patch_node, MappingNode):
+            name_node = next(
+                (v for k, v in patch_node.value if isinstance(k, ScalarNode) and k.value == "name"),
+                None,
+            )
+        name = checker.string(name_node, f"{path}.name") if name_node is not None else None
+        if name_node is not None and name is not None:
+            problem = None
+            if name not in base:
+                problem = f"no rule {name!r} to patch in {parent.source} (its rules: {known})"
+            elif name in dropped:
+                problem = f"rule {name!r} is both patched and dropped"
+            elif name in patched:
+                problem = f"rule {name!r} is patched twice: one patch may change several fields"
+            elif name in replaced:
+                problem = f"rule {name!r} is both replaced and patched"
+            if problem:
+                checker.error(name_node, f"{path}.name", problem)
+                continue
+        rule = _patch(checker, patch_node, path, classes, base.get(name) if name else None)
+        if rule is not None:
+            patched.add(rule.name)
+            replaced[rule.name] = rule
 
 
 def _rule(
@@ -650,43 +698,13 @@ def _rule(
         else None
     )
     key = checker.key_kind(fields["key"], f"{path}.key") if "key" in fields else KeyKind.NONE
-    patterns: list[str] = []
-    if "path" in fields:
-        items = checker.string_list(fields["path"], f"{path}.path", single_ok=True)
-        multiple = isinstance(fields["path"], SequenceNode)
-        for j, (pattern, item_node) in enumerate(items):
-            where = f"{path}.path[{j}]" if multiple else f"{path}.path"
-            checker.regex(pattern, item_node, where)
-            patterns.append(pattern)
-    methods: frozenset[str] | None = None
-    if "methods" in fields:
-        names = checker.string_list(fields["methods"], f"{path}.methods", single_ok=False)
-        for j, (method, item_node) in enumerate(names):
-            if not _METHOD_PATTERN.match(method):
-                checker.error(item_node, f"{path}.methods[{j}]", f"bad method {method!r}")
-        methods = frozenset(m.upper() for m, _ in names)
-    present: list[str] = []
-    absent: list[str] = []
-    if "query" in fields:
-        query = checker.mapping(fields["query"], f"{path}.query", set(), {"present", "absent"})
-        if query is not None and not fields["query"].value:
-            checker.error(fields["query"], f"{path}.query", "give present or absent")
-        for which, target in (("present", present), ("absent", absent)):
-            if query and which in query:
-                where = f"{path}.query.{which}"
-                for j, (param, item_node) in enumerate(
-                    checker.string_list(query[which], where, single_ok=False)
-                ):
-                    if not _PARAM_PATTERN.match(param):
-                        checker.error(item_node, f"{where}[{j}]", f"bad parameter {param!r}")
-                    target.append(param)
-        both = set(present) & set(absent)
-        if both:
-            checker.error(
-                fields["query"],
-                f"{path}.query",
-                f"parameters both present and absent: {', '.join(sorted(both))}",
-            )
+    patterns = _paths(checker, fields["path"], f"{path}.path") if "path" in fields else []
+    methods = (
+        _methods(checker, fields["methods"], f"{path}.methods") if "methods" in fields else None
+    )
+    present, absent = (
+        _query(checker, fields["query"], f"{path}.query") if "query" in fields else ([], [])
+    )
     description = ""
     if "description" in fields:
         description = (
@@ -706,6 +724,103 @@ def _rule(
         line=rule_node.start_mark.line + 1,
         source=checker.source,
     )
+
+
+def _paths(checker: _Checker, node: Node, path: str) -> list[str]:
+    """A rule's path patterns (one, or a list), each compiled."""
+    patterns = []
+    multiple = isinstance(node, SequenceNode)
+    for j, (pattern, item_node) in enumerate(checker.string_list(node, path, single_ok=True)):
+        checker.regex(pattern, item_node, f"{path}[{j}]" if multiple else path)
+        patterns.append(pattern)
+    return patterns
+
+
+def _methods(checker: _Checker, node: Node, path: str) -> frozenset[str]:
+    names = checker.string_list(node, path, single_ok=False)
+    for j, (method, item_node) in enumerate(names):
+        if not _METHOD_PATTERN.match(method):
+            checker.error(item_node, f"{path}[{j}]", f"bad method {method!r}")
+    return frozenset(m.upper() for m, _ in names)
+
+
+def _query(checker: _Checker, node: Node, path: str) -> tuple[list[str], list[str]]:
+    """A rule's query condition: the parameters present, and absent."""
+    present: list[str] = []
+    absent: list[str] = []
+    query = checker.mapping(node, path, set(), {"present", "absent"})
+    if query is not None and not node.value:
+        checker.error(node, path, "give present or absent")
+    for which, target in (("present", present), ("absent", absent)):
+        if query and which in query:
+            where = f"{path}.{which}"
+            for j, (param, item_node) in enumerate(
+                checker.string_list(query[which], where, single_ok=False)
+            ):
+                if not _PARAM_PATTERN.match(param):
+                    checker.error(item_node, f"{where}[{j}]", f"bad parameter {param!r}")
+                target.append(param)
+    both = set(present) & set(absent)
+    if both:
+        checker.error(node, path, f"parameters both present and absent: {', '.join(sorted(both))}")
+    return present, absent
+
+
+def _is_null(node: Node) -> bool:
+    return isinstance(node, ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+
+
+#: What a patch may change of a base rule.
+_PATCH_FIELDS: Final = {"class", "key", "methods", "path", "add_path", "query", "description"}
+
+
+def _patch(
+    checker: _Checker, node: Node, path: str, classes: list[str], rule: RuleSpec | None
+) -> RuleSpec | None:
+    """``rule`` with the fields ``node`` gives changed: the rest stays the base's. Without
+    a rule (a patch naming none), its fields are checked all the same."""
+    fields = checker.mapping(node, path, {"name"}, _PATCH_FIELDS)
+    if fields is None or rule is None:
+        return None
+    if set(fields) == {"name"}:
+        checker.error(
+            node, path, f"a patch changes something: give one of {', '.join(sorted(_PATCH_FIELDS))}"
+        )
+        return None
+    errors = len(checker.errors)
+    changes: dict[str, object] = {}
+    if "class" in fields:
+        changes["worker_class"] = _class_ref(checker, fields["class"], f"{path}.class", classes)
+    if "key" in fields:
+        changes["key"] = checker.key_kind(fields["key"], f"{path}.key")
+    if "path" in fields and "add_path" in fields:
+        checker.error(fields["add_path"], f"{path}.add_path", "give path (instead) or add_path")
+    elif "path" in fields:
+        changes["paths"] = tuple(_paths(checker, fields["path"], f"{path}.path"))
+    elif "add_path" in fields:
+        added = _paths(checker, fields["add_path"], f"{path}.add_path")
+        changes["paths"] = rule.paths + tuple(p for p in added if p not in rule.paths)
+    if "methods" in fields:
+        # null: any method, as a rule without methods.
+        node_methods = fields["methods"]
+        changes["methods"] = (
+            None if _is_null(node_methods) else _methods(checker, node_methods, f"{path}.methods")
+        )
+    if "query" in fields:
+        # null: no query condition.
+        node_query = fields["query"]
+        present, absent = (
+            ([], []) if _is_null(node_query) else _query(checker, node_query, f"{path}.query")
+        )
+        changes["query_present"], changes["query_absent"] = tuple(present), tuple(absent)
+    if "description" in fields:
+        changes["description"] = (
+            checker.string(fields["description"], f"{path}.description", allow_empty=True) or ""
+        )
+    if len(checker.errors) > errors:
+        return None
+    where = f"{checker.source}:{node.start_mark.line + 1}"
+    return dataclasses.replace(rule, patches=(*rule.patches, where), **changes)  # type: ignore[arg-type]
 
 
 def _whoami(checker: _Checker, node: Node) -> WhoamiSpec | None:

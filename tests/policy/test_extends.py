@@ -11,6 +11,7 @@ import pytest
 from spoa.policy import PolicyError, Request, Resolve, load_policy, policy_version
 from spoa.policy.loader import bundled_names
 from spoa.policy.reload import PolicyHolder
+from spoa.policy.schema import RuleSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,6 +42,15 @@ def errors_of(path: Path) -> list[str]:
     with pytest.raises(PolicyError) as caught:
         load_policy(str(path))
     return [str(e) for e in caught.value.errors]
+
+
+def specs(path: Path) -> dict[str, RuleSpec]:
+    """The rules of the policy at ``path`` as written, by name."""
+    found = {}
+    for rule in load_policy(str(path)).rules:
+        assert rule.spec is not None
+        found[rule.name] = rule.spec
+    return found
 
 
 def names(path: Path) -> list[str]:
@@ -262,7 +272,53 @@ EDIT_ERRORS = {
     ),
     "an unknown edit": (
         "rules:\n  prepend: []\n",
-        "site.yaml:4: rules.prepend: unknown key 'prepend' (allowed: after, before, drop, replace)",
+        "site.yaml:4: rules.prepend: unknown key 'prepend' "
+        "(allowed: after, before, drop, patch, replace)",
+    ),
+    "patch an unknown rule": (
+        "rules:\n  patch:\n    - {name: nope, class: main}\n",
+        "site.yaml:5: rules.patch[0].name: no rule 'nope' to patch in",
+    ),
+    "patch a dropped rule": (
+        "rules:\n  drop: [sso]\n  patch:\n    - {name: sso, class: main}\n",
+        "site.yaml:6: rules.patch[0].name: rule 'sso' is both patched and dropped",
+    ),
+    "patch a replaced rule": (
+        "rules:\n  replace:\n    - {name: sso, class: main, path: x}\n"
+        "  patch:\n    - {name: sso, class: sync}\n",
+        "site.yaml:7: rules.patch[0].name: rule 'sso' is both replaced and patched",
+    ),
+    "patch twice": (
+        "rules:\n  patch:\n    - {name: sso, class: sync}\n    - {name: sso, key: user}\n",
+        "site.yaml:6: rules.patch[1].name: rule 'sso' is patched twice",
+    ),
+    "a patch of nothing": (
+        "rules:\n  patch:\n    - {name: sso}\n",
+        "site.yaml:5: rules.patch[0]: a patch changes something: give one of add_path, class,",
+    ),
+    "a patch of a field rules do not have": (
+        "rules:\n  patch:\n    - {name: sso, weight: 3}\n",
+        "site.yaml:5: rules.patch[0].weight: unknown key 'weight'",
+    ),
+    "a patch to an unknown class": (
+        "rules:\n  patch:\n    - {name: sso, class: nope}\n",
+        "site.yaml:5: rules.patch[0].class: unknown class 'nope'",
+    ),
+    "a patch with a bad regex": (
+        "rules:\n  patch:\n    - {name: sso, add_path: '^/sso('}\n",
+        "site.yaml:5: rules.patch[0].add_path: ",
+    ),
+    "a patch that both sets and adds paths": (
+        "rules:\n  patch:\n    - {name: sso, path: '^/a', add_path: '^/b'}\n",
+        "site.yaml:5: rules.patch[0].add_path: give path (instead) or add_path",
+    ),
+    "a patch without a name": (
+        "rules:\n  patch:\n    - {class: main}\n",
+        "site.yaml:5: rules.patch[0]: missing required key 'name'",
+    ),
+    "patches not in a list": (
+        "rules:\n  patch: {name: sso, class: main}\n",
+        "site.yaml:4: rules.patch: expected a list of patches",
     ),
     "a class declared again": (
         "classes:\n  sync:\n",
@@ -298,3 +354,115 @@ def test_a_policy_without_extends_still_needs_every_section(tmp_path: Path) -> N
         f"{lonely}:1: $: missing required key 'default'",
         f"{lonely}:1: $: missing required key 'rules'",
     ]
+
+
+def test_a_patch_changes_the_fields_it_names_and_keeps_the_rest(tmp_path: Path) -> None:
+    base = BASE.replace(
+        "  - {name: media, class: generic, path: '^/media/'}",
+        "  - {name: media, class: generic, path: '^/media/', methods: [GET],"
+        " query: {absent: [x]}, description: media reads}",
+    )
+    write(tmp_path, "base.yaml", base)
+    site = write(
+        tmp_path,
+        "site.yaml",
+        """\
+        version: 1
+        extends: ./base.yaml
+        rules:
+          patch:
+            - {name: sso, class: sync, key: user}
+            - name: media
+              add_path: '^/thumbs/'
+              methods: null
+              query: {present: [y]}
+        """,
+    )
+    policy = load_policy(str(site))
+    rules = specs(site)
+    assert [r.name for r in policy.rules] == ["sync", "sso", "media"]
+    sso = rules["sso"]
+    assert (sso.worker_class, sso.key.value, sso.paths) == ("sync", "user", ("^/sso",))
+    assert sso.source == str(tmp_path / "base.yaml")
+    assert sso.patches == (f"{site}:5",)
+    media = rules["media"]
+    assert media.paths == ("^/media/", "^/thumbs/")
+    assert media.methods is None
+    assert (media.query_present, media.query_absent) == (("y",), ())
+    assert media.description == "media reads"
+    assert media.patches == (f"{site}:6",)
+    assert rules["sync"].patches == ()
+    # Routing follows: sso now keyed on the sync class, media's new path and condition.
+    assert policy.decide(Request("GET", "/sso/x", None, None)).worker_class == "sync"
+    assert policy.decide(Request("POST", "/thumbs/a", "y=1", None)).rule == "media"
+    assert policy.decide(Request("GET", "/media/a", "x=1", None)).rule == "default"
+
+
+def test_a_patch_follows_the_base_it_patches(tmp_path: Path) -> None:
+    write(tmp_path, "base.yaml", BASE)
+    site = write(
+        tmp_path,
+        "site.yaml",
+        "version: 1\nextends: ./base.yaml\nrules:\n  patch:\n    - {name: media, class: main}\n",
+    )
+    assert load_policy(str(site)).decide(Request("GET", "/media/a", None, None)).rule == "media"
+    # The base gains a path for media: the patched rule has it too.
+    write(tmp_path, "base.yaml", BASE.replace("path: '^/media/'", "path: ['^/media/', '^/m2/']"))
+    moved = load_policy(str(site)).decide(Request("GET", "/m2/a", None, None))
+    assert (moved.rule, moved.worker_class) == ("media", "main")
+
+
+def test_patches_of_patches_are_all_recorded(tmp_path: Path) -> None:
+    write(tmp_path, "base.yaml", BASE)
+    write(
+        tmp_path,
+        "mid.yaml",
+        "version: 1\nextends: ./base.yaml\nrules:\n  patch:\n    - {name: sso, class: sync}\n",
+    )
+    site = write(
+        tmp_path,
+        "site.yaml",
+        "version: 1\nextends: ./mid.yaml\nrules:\n  patch:\n    - {name: sso, key: user}\n",
+    )
+    sso = specs(site)["sso"]
+    assert (sso.worker_class, sso.key.value) == ("sync", "user")
+    assert sso.patches == (f"{tmp_path / 'mid.yaml'}:5", f"{site}:5")
+
+
+def test_moving_typing_to_main_takes_two_lines(tmp_path: Path) -> None:
+    site = write(
+        tmp_path,
+        "site.yaml",
+        """\
+        version: 1
+        extends: synapse-workers
+        rules:
+          patch: [{name: typing, class: main}]
+        """,
+    )
+    policy = load_policy(str(site))
+    base = load_policy(str(ROOT / "policies" / "synapse-workers.yaml"))
+    typing = "/_matrix/client/v3/rooms/!r:hs/typing/@u:hs"
+    assert base.decide(Request("PUT", typing, None, None)).worker_class != "main"
+    assert policy.decide(Request("PUT", typing, None, None)).worker_class == "main"
+    assert policy.decide(Request("PUT", typing, None, None)).rule == "typing"
+    # Nothing else moved.
+    for method, path in [
+        ("GET", "/_matrix/client/v3/sync"),
+        ("PUT", "/_matrix/client/v3/rooms/!r:hs/send/m.room.message/1"),
+    ]:
+        assert (
+            policy.decide(Request(method, path, None, None)).worker_class
+            == base.decide(Request(method, path, None, None)).worker_class
+        )
+
+
+def test_the_docs_example_of_extends_is_a_valid_policy(tmp_path: Path) -> None:
+    text = (ROOT / "docs" / "policy.md").read_text()
+    start = text.index("extends: synapse-workers       #")
+    example = "version: 1\n" + text[start : text.index("```", start)]
+    site = write(tmp_path, "site.yaml", example)
+    rules = specs(site)
+    assert rules["typing"].worker_class == "main" and rules["typing"].patches
+    assert rules["profile"].paths[-1] == "^/_matrix/client/v1/profile/"
+    assert "sso" not in rules and next(iter(rules)) == "bridge_sync"
