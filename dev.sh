@@ -43,10 +43,6 @@ ensure_haproxy() {
         say "installing HAProxy from the distribution"
         apt_install haproxy || { say "could not install haproxy"; exit 1; }
     fi
-    # The distribution's service is not ours: never leave it holding ports.
-    if command -v systemctl >/dev/null && systemctl is-active --quiet haproxy 2>/dev/null; then
-        as_root systemctl stop haproxy || true
-    fi
 }
 
 # HAProxy 3.x, built from the upstream sources next to this checkout
@@ -117,12 +113,9 @@ sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Pyth
         say "installing ${need[*]} from the distribution (for the end-to-end tests)"
         apt_install "${need[@]}" || { say "could not install ${need[*]}"; exit 1; }
     fi
-    # The distribution's services are not ours: the tests start their own.
-    if command -v systemctl >/dev/null; then
-        for unit in redis-server postgresql; do
-            systemctl is-active --quiet "$unit" 2>/dev/null && as_root systemctl stop "$unit" || true
-        done
-    fi
+    # The machine's own services (a packaged PostgreSQL or Redis that is
+    # running) are left alone: the tests start their own, on ports and socket
+    # directories of their own.
     if ! "$SYNAPSE_VENV/bin/python" -c "import synapse, sys
 sys.exit(synapse.__version__.split()[0] != '$SYNAPSE_VERSION')" 2>/dev/null; then
         say "installing Synapse $SYNAPSE_VERSION into $SYNAPSE_VENV"
