@@ -149,9 +149,9 @@ def format_report(report: Report, config_path: str, policy_path: str) -> list[Fi
     if report.unused_backends:
         findings.append(
             Finding(
-                Level.NOTE,
-                f"backends in {config_path} that {policy_path} never routes to: "
-                + ", ".join(report.unused_backends),
+                Level.OK,
+                f"{config_path} also has backends for classes {policy_path} does not use "
+                "(nothing is wrong: no request reaches them): " + ", ".join(report.unused_backends),
             )
         )
     table = report.map_path
@@ -181,8 +181,8 @@ def format_report(report: Report, config_path: str, policy_path: str) -> list[Fi
         ),
         Fallback.ABSENT: (
             Level.NOTE,
-            f"no fallback map at {table} yet: HAProxy needs one to start; the agent writes it "
-            f"(--fallback-map), or: {regenerate}"
+            f"no fallback map at {table} yet (expected before the agent's first start): "
+            f"HAProxy needs one to start; the agent writes it (--fallback-map), or: {regenerate}"
             if table
             else "the fallback's map_reg names no file",
         ),

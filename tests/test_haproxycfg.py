@@ -23,10 +23,11 @@ def test_each_fallback_state_is_reported_at_its_level(fallback: Fallback, level:
     assert str(finding).startswith(f"{level}: ")
 
 
-def test_a_missing_backend_is_an_error_and_an_unused_one_a_note() -> None:
+def test_a_missing_backend_is_an_error_and_an_unused_one_no_problem() -> None:
     report = Report(missing_backends=["sync"], unused_backends=["be_old"])
     findings = format_report(report, "haproxy.cfg", "p.yaml")
-    assert [f.level for f in findings] == [Level.ERROR, Level.NOTE, Level.NOTE]
+    assert [f.level for f in findings] == [Level.ERROR, Level.OK, Level.NOTE]
+    assert "nothing is wrong" in findings[1].text
     assert "be_sync" in findings[0].text and "be_old" in findings[1].text
 
 

@@ -69,6 +69,14 @@ def request(
         conn.close()
 
 
+SITE_POLICY = """\
+version: 1
+extends: ./synapse-workers.yaml
+rules:
+  patch: [{name: receipts, add_path: '^/_site/receipts$'}]
+"""
+
+
 @dataclass
 class Project:
     directory: Path
@@ -180,6 +188,11 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
         if source.is_file():
             (directory / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, directory / name)
+    # A site policy, as docs/deploy-compose.md shows: a file in policies/ that
+    # extends the shipped one (by file, so the edit test's edit of the base
+    # applies through it) and patches a rule, named in .env.
+    (directory / "policies" / "site.yaml").write_text(SITE_POLICY)
+    (directory / ".env").write_text("SPOA_POLICY=site.yaml\n")
     project = Project(directory, f"spoa-ci-{random.randrange(16**6):06x}")
     up = float("nan")
     try:
@@ -216,6 +229,32 @@ def test_traffic_through_haproxy_lands_on_the_right_class(project: Project) -> N
         assert document["class"] == worker_class, (path, document)
     log = project.haproxy_log()
     assert "via=agent class=synchrotron" in log
+
+
+def test_the_site_policy_named_in_env_routes_and_makes_the_fallback_map(
+    project: Project,
+) -> None:
+    # The patched rule takes its added path, beside the base's own.
+    assert request(8008, "POST", "/_site/receipts")[1]["class"] == "receipts"
+    assert request(8008, "POST", SAMPLES["receipts"][1])[1]["class"] == "receipts"
+    conn = http.client.HTTPConnection("127.0.0.1", 12346, timeout=5)
+    try:
+        conn.request("GET", "/status.json")
+        policy = json.loads(conn.getresponse().read())["policy"]
+    finally:
+        conn.close()
+    assert policy["file"] == "/etc/spoa/policies/site.yaml"
+    # The fallback's map (made by the one-shot service, kept by the agent) is of
+    # the site policy too.
+    (agent,) = project.containers("agent")
+    header = subprocess.run(
+        ["podman", "exec", agent, "head", "-n", "1", "/run/matrix-spoa/fallback.map"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    assert header.split()[-1] == policy["version"], header
 
 
 def test_scaling_a_class_is_picked_up_through_dns(project: Project) -> None:
