@@ -645,27 +645,25 @@ def _patches(
     patched: set[str] = set()
     for i, patch_node in enumerate(node.value):
         path = f"rules.patch[{i}]"
-        name_node = None
-        if isinstance(patch_node, MappingNode):
-            name_node = next(
-                (v for k, v in patch_node.value if isinstance(k, ScalarNode) and k.value == "name"),
-                None,
-            )
-        name = checker.string(name_node, f"{path}.name") if name_node is not None else None
-        if name_node is not None and name is not None:
-            problem = None
-            if name not in base:
-                problem = f"no rule {name!r} to patch in {parent.source} (its rules: {known})"
-            elif name in dropped:
-                problem = f"rule {name!r} is both patched and dropped"
-            elif name in patched:
-                problem = f"rule {name!r} is patched twice: one patch may change several fields"
-            elif name in replaced:
-                problem = f"rule {name!r} is both replaced and patched"
-            if problem:
-                checker.error(name_node, f"{path}.name", problem)
-                continue
-        rule = _patch(checker, patch_node, path, classes, base.get(name) if name else None)
+        fields = checker.mapping(patch_node, path, {"name"}, _PATCH_FIELDS)
+        if fields is None or "name" not in fields:
+            continue
+        name = checker.string(fields["name"], f"{path}.name")
+        if name is None:
+            continue
+        problem = None
+        if name not in base:
+            problem = f"no rule {name!r} to patch in {parent.source} (its rules: {known})"
+        elif name in dropped:
+            problem = f"rule {name!r} is both patched and dropped"
+        elif name in patched:
+            problem = f"rule {name!r} is patched twice: one patch may change several fields"
+        elif name in replaced:
+            problem = f"rule {name!r} is both replaced and patched"
+        if problem:
+            checker.error(fields["name"], f"{path}.name", problem)
+            continue
+        rule = _patch(checker, patch_node, fields, path, classes, base[name])
         if rule is not None:
             patched.add(rule.name)
             replaced[rule.name] = rule
@@ -775,13 +773,14 @@ _PATCH_FIELDS: Final = {"class", "key", "methods", "path", "add_path", "query", 
 
 
 def _patch(
-    checker: _Checker, node: Node, path: str, classes: list[str], rule: RuleSpec | None
+    checker: _Checker,
+    node: Node,
+    fields: dict[str, Node],
+    path: str,
+    classes: list[str],
+    rule: RuleSpec,
 ) -> RuleSpec | None:
-    """``rule`` with the fields ``node`` gives changed: the rest stays the base's. Without
-    a rule (a patch naming none), its fields are checked all the same."""
-    fields = checker.mapping(node, path, {"name"}, _PATCH_FIELDS)
-    if fields is None or rule is None:
-        return None
+    """``rule`` with the fields of the patch ``node`` changed: the rest stays the base's."""
     if set(fields) == {"name"}:
         checker.error(
             node, path, f"a patch changes something: give one of {', '.join(sorted(_PATCH_FIELDS))}"

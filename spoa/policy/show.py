@@ -17,11 +17,8 @@ from .schema import RuleSpec
 
 def _where(source: str, line: int | None = None) -> str:
     """A file as the operator would type it: relative to here when it is below."""
-    shown = (
-        os.path.relpath(source)
-        if source and not os.path.relpath(source).startswith("..")
-        else source
-    )
+    relative = os.path.relpath(source) if source else ""
+    shown = relative if relative and not relative.startswith("..") else source
     return f"{shown}:{line}" if line is not None else shown
 
 
