@@ -57,3 +57,30 @@ def container(documents: list[dict[str, Any]], name: str) -> dict[str, Any]:
     found: dict[str, Any]
     (found,) = [c for c in containers(documents) if c["name"] == name]
     return found
+
+
+SITE = ROOT / "deploy" / "kubernetes-site"
+
+
+def site_overlay(
+    directory: Path, *, namespace: str | None = None, uncomment: tuple[str, ...] = ()
+) -> Path:
+    """deploy/kubernetes-site/kustomization.yaml edited as docs/deploy-kubernetes.md says
+    (the namespace set, component lines uncommented), in ``directory``."""
+    text = (SITE / "kustomization.yaml").read_text()
+    if namespace is not None:
+        assert "\nnamespace: chat\n" in text
+        text = text.replace("\nnamespace: chat\n", f"\nnamespace: {namespace}\n")
+    for entry in uncomment:
+        line = f"  # - {entry}\n"
+        assert line in text, entry
+        text = text.replace(line, f"  - {entry}\n")
+    kustomization = yaml.safe_load(text)
+    # The same directories, seen from where the copy is.
+    for field in ("resources", "components"):
+        kustomization[field] = [
+            os.path.relpath(SITE / entry, directory) for entry in kustomization.get(field) or []
+        ]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return directory

@@ -112,7 +112,7 @@ def test_haproxy_gets_every_variable_the_shipped_config_needs() -> None:
         if worker_class == "main":
             continue
         variable = env_name(worker_class)
-        assert f"${{{variable}-" in config, f"haproxy.cfg does not read {variable}"
+        assert f"${{{variable}}}" in config, f"haproxy.cfg does not read {variable}"
         service, _, port = env[variable].rpartition(":")
         assert service in SERVICES, f"{variable} names no service"
         assert port == "8008" and "8008" in SERVICES[service]["expose"]

@@ -90,21 +90,27 @@ def test_every_class_of_the_bundled_policy_has_a_headless_service_haproxy_finds(
         service = services[name]
         assert service["metadata"]["namespace"] == "matrix"
         assert service["spec"]["selector"] == {"synapse-worker-class": worker_class}
-        assert [p["name"] for p in service["spec"]["ports"]] == ["http"]
         if worker_class == "main":
+            # Its replication listener too, for the workers (instance_map).
+            assert [p["name"] for p in service["spec"]["ports"]] == ["http", "replication"]
             continue
+        assert [p["name"] for p in service["spec"]["ports"]] == ["http"]
         assert service["spec"]["clusterIP"] == "None"
-        # The SRV name Kubernetes publishes is haproxy.cfg's default for the class.
-        srv = f"_http._tcp.{name}.matrix.svc.cluster.local"
-        assert f'"${{{env_name(worker_class)}-{srv}}}"' in HAPROXY_CFG, worker_class
-    # HAProxy's resolvers use no search domains: main by its full name.
-    env = {e["name"]: e["value"] for e in container(documents, "haproxy")["env"]}
-    assert env["SYNAPSE_MAIN"] == "synapse-main.matrix.svc.cluster.local:8008"
+        # The SRV name Kubernetes publishes is haproxy.cfg's default for the
+        # class, in the namespace the pod says it is in.
+        srv = f"_http._tcp.{name}.${{SYNAPSE_NAMESPACE}}.svc.${{SYNAPSE_CLUSTER_DOMAIN}}"
+        assert f'presetenv {env_name(worker_class)} "{srv}"' in HAPROXY_CFG, worker_class
+    # The pod's own namespace, from the downward API: main and the classes follow it.
+    (variable,) = [e for e in container(documents, "haproxy")["env"] if "SYNAPSE" in e["name"]]
+    assert variable == {
+        "name": "SYNAPSE_NAMESPACE",
+        "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+    }
 
 
 def test_haproxy_gets_every_file_its_configuration_reads(documents: list[dict[str, Any]]) -> None:
     haproxy = container(documents, "haproxy")
-    env = {e["name"]: e["value"] for e in haproxy["env"]}
+    env = {e["name"]: e["value"] for e in haproxy["env"] if "value" in e}
     (mount,) = [m for m in haproxy["volumeMounts"] if m["name"] == "haproxy"]
     (volume,) = [v for v in pod_spec(documents)["volumes"] if v["name"] == "haproxy"]
     files: dict[str, str] = {}
@@ -133,7 +139,7 @@ def test_the_fallback_map_is_made_before_haproxy_starts_and_pushed_live_after(
     spec = pod_spec(documents)
     haproxy, agent = container(documents, "haproxy"), container(documents, "agent")
     (init,) = spec["initContainers"]
-    env = {e["name"]: e["value"] for e in haproxy["env"]}
+    env = {e["name"]: e["value"] for e in haproxy["env"] if "value" in e}
     written = env["SPOA_FALLBACK_MAP"]
     assert init["args"][:2] == ["fallback", agent["args"][agent["args"].index("--policy") + 1]]
     assert init["args"][init["args"].index("-o") + 1] == written
@@ -188,7 +194,7 @@ def test_the_pods_run_unprivileged_with_probes_and_limits(documents: list[dict[s
     haproxy = container(documents, "haproxy")
     # HAProxy's probes are its own answer, not a request to Synapse.
     assert haproxy["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "stats"}
-    env = {e["name"]: e["value"] for e in haproxy["env"]}
+    env = {e["name"]: e["value"] for e in haproxy["env"] if "value" in e}
     assert env["SPOA_STATS_BIND"] == ":8404"  # reachable by the kubelet
     budget = one(documents, "PodDisruptionBudget", "matrix-spoa")
     assert budget["spec"]["selector"] == deployment["spec"]["selector"]

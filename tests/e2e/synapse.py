@@ -301,6 +301,8 @@ class Synapse:
                 "worker_listeners": worker_listeners[worker.name],
                 "worker_log_config": str(self._log_config(worker.name)),
             }
+            if "media_store_path" in worker_config:  # the shipped one is a container's
+                worker_config["media_store_path"] = str(self.workdir / "media")
             (self.workdir / f"{worker.name}.yaml").write_text(yaml.safe_dump(worker_config))
 
     def _log_config(self, name: str) -> Path:

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import threading
 from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,13 +38,12 @@ from spoa.demo.stack import haproxy_at_least, haproxy_binary, haproxy_version, s
 from spoa.demo.workers import DemoWorker, WorkerSpec
 from spoa.traffic import one_per_key
 from tests.integration.harness import wait_until
-from tests.k8s_render import container, containers, kustomize, one, pod_spec
+from tests.k8s_render import container, containers, kustomize, one, pod_spec, site_overlay
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 SPOA = ROOT / ".venv" / "bin" / "spoa"
-DOMAIN = "matrix.svc.cluster.local"
 T = TypeVar("T")
 
 SAMPLES = {
@@ -57,8 +57,26 @@ SAMPLES = {
 TOKEN = "syt_YWxpY2U_abcdefghijklmnopqrst_1a2b3c"
 
 
+#: The selector of MAS's Service (deploy/kubernetes/mas), class "mas".
+MAS_SELECTOR = {"app.kubernetes.io/name": "matrix-authentication-service"}
+
+
 def service_name(worker_class: str) -> str:
+    if worker_class == "mas":
+        return "matrix-authentication-service"
     return "synapse-" + worker_class.replace("_", "-")
+
+
+def headless_classes(documents: list[dict[str, Any]]) -> list[str]:
+    """The classes whose pods HAProxy finds by the SRV records of a headless Service."""
+    found = []
+    for d in documents:
+        spec = d.get("spec", {})
+        if d["kind"] == "Service" and spec.get("clusterIP") == "None":
+            assert [port["name"] for port in spec["ports"]] == ["http"], d
+            selector = spec["selector"]
+            found.append("mas" if selector == MAS_SELECTOR else selector["synapse-worker-class"])
+    return found
 
 
 @dataclass
@@ -67,6 +85,8 @@ class Cluster:
 
     host_ip: str
     main_ip: str
+    #: Where the Services are: <namespace>.svc.cluster.local.
+    domain: str = "matrix.svc.cluster.local"
     zone: Zone = field(default_factory=Zone)
     workers: dict[str, list[DemoWorker]] = field(default_factory=dict)
     #: Pods made so far per class: a new pod never takes an old one's name.
@@ -82,8 +102,8 @@ class Cluster:
 
     def publish(self, worker_class: str) -> None:
         workers = self.workers.get(worker_class, [])
-        name = f"_http._tcp.{service_name(worker_class)}.{DOMAIN}"
-        subdomain = f"{service_name(worker_class)}.{DOMAIN}"
+        name = f"_http._tcp.{service_name(worker_class)}.{self.domain}"
+        subdomain = f"{service_name(worker_class)}.{self.domain}"
         self.zone.set_service(
             name,
             [
@@ -159,9 +179,22 @@ class Pod:
                 return str(self.root / container_dir(name, prefix)) + value[len(prefix) :]
         return value
 
+    def env(self, name: str) -> dict[str, str]:
+        """Container ``name``'s environment, as the kubelet gives it."""
+        found = {}
+        for variable in container(self.documents, name).get("env", []):
+            if "value" in variable:
+                found[variable["name"]] = self.mapped(name, variable["value"])
+                continue
+            # The downward API: only the fields the manifests use.
+            assert variable["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+            deployment = one(self.documents, "Deployment", "matrix-spoa")
+            found[variable["name"]] = deployment["metadata"]["namespace"]
+        return found
+
     def start(self, name: str, program: str) -> None:
         spec = container(self.documents, name)
-        env = {e["name"]: self.mapped(name, e["value"]) for e in spec.get("env", [])}
+        env = self.env(name)
         args = [self.mapped(name, a) for a in spec["args"]]
         if name == "haproxy":
             args = args[1:]  # "haproxy" itself, the image's binary
@@ -277,7 +310,7 @@ class Network:
         _ip("addr", "add", f"{self.host(n)}/24", "dev", self.bridge)
         return self.host(n)
 
-    def attach(self, n: int, dns: str) -> tuple[str, str]:
+    def attach(self, n: int, dns: str, domain: str) -> tuple[str, str]:
         """A router pod's namespace at address ``n``: its name and address."""
         namespace, outside, inside = f"spoa-pod-{self.tag}-{n}", f"spk{self.tag}{n}h", "eth0"
         self.namespaces.append(namespace)
@@ -293,7 +326,7 @@ class Network:
         etc = Path("/etc/netns") / namespace
         etc.mkdir(parents=True, exist_ok=True)
         (etc / "resolv.conf").write_text(
-            f"nameserver {dns}\nsearch {DOMAIN} svc.cluster.local cluster.local\noptions ndots:5\n"
+            f"nameserver {dns}\nsearch {domain} svc.cluster.local cluster.local\noptions ndots:5\n"
         )
         return namespace, self.host(n)
 
@@ -314,7 +347,10 @@ def start_pod(
     network: Network, n: int, dns: str, documents: list[dict[str, Any]], root: Path
 ) -> Pod:
     """A router pod of the rendered manifests at address ``n``, its agent and HAProxy up."""
-    namespace, ip = network.attach(n, dns)
+    deployment = one(documents, "Deployment", "matrix-spoa")
+    namespace, ip = network.attach(
+        n, dns, f"{deployment['metadata']['namespace']}.svc.cluster.local"
+    )
     # The pod's files under a short name: HAProxy refuses a unix socket path
     # (the runtime API's, in the fallback volume) longer than 97 bytes.
     root.mkdir(parents=True, exist_ok=True)
@@ -351,32 +387,27 @@ def network() -> Iterator[Network]:
         network.delete()
 
 
-@pytest.fixture(scope="module")
-def pod(
-    network: Network, tmp_path_factory: pytest.TempPathFactory
+@contextmanager
+def booted(
+    network: Network, documents: list[dict[str, Any]], root: Path, n: int
 ) -> Iterator[tuple[Pod, Cluster]]:
-    documents = kustomize(ROOT / "deploy" / "kubernetes")
-    host_ip, main_ip = network.add_address(1), network.add_address(3)
+    """The cluster side at addresses n (DNS, workers) and n + 2 (main), a router pod at n + 1."""
+    namespace = one(documents, "Deployment", "matrix-spoa")["metadata"]["namespace"]
+    host_ip, main_ip = network.add_address(n), network.add_address(n + 2)
     cluster: Cluster | None = None
     pod: Pod | None = None
     try:
-        cluster = Cluster(host_ip, main_ip)
+        cluster = Cluster(host_ip, main_ip, f"{namespace}.svc.cluster.local")
         dns, _ = cluster.call(serve_dns(cluster.zone, host_ip, 53))
-        # Synapse's pods: main behind synapse-main (its port is in the HAProxy
-        # environment), one worker per class behind its headless Service.
+        # Synapse's pods: main behind synapse-main (by its full name in the
+        # pod's namespace), one worker per class behind its headless Service.
         main = cluster.add("main", main_ip, 8008)
-        cluster.zone.set_addresses(f"synapse-main.{DOMAIN}", [main_ip])
-        for c in (d["metadata"]["name"] for d in documents if d["kind"] == "Service"):
-            if c.startswith("synapse-") and c != "synapse-main":
-                worker_class = next(
-                    d["spec"]["selector"]["synapse-worker-class"]
-                    for d in documents
-                    if d["kind"] == "Service" and d["metadata"]["name"] == c
-                )
-                cluster.add(worker_class)
-                cluster.publish(worker_class)
+        cluster.zone.set_addresses(f"synapse-main.{cluster.domain}", [main_ip])
+        for worker_class in headless_classes(documents):
+            cluster.add(worker_class)
+            cluster.publish(worker_class)
         assert main.port == 8008
-        pod = start_pod(network, 2, host_ip, documents, tmp_path_factory.mktemp("pod"))
+        pod = start_pod(network, n + 1, host_ip, documents, root)
         wait_until(
             lambda: pod is not None and pod.servers_up("be_synchrotron") == 1,
             30,
@@ -389,6 +420,15 @@ def pod(
             stop_pod(pod)
         if cluster is not None:
             cluster.close()
+
+
+@pytest.fixture(scope="module")
+def pod(
+    network: Network, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Pod, Cluster]]:
+    documents = kustomize(ROOT / "deploy" / "kubernetes")
+    with booted(network, documents, tmp_path_factory.mktemp("pod"), 1) as started:
+        yield started
 
 
 def route(pod: Pod, method: str, path: str) -> tuple[int, dict[str, Any], dict[str, str]]:
@@ -535,7 +575,7 @@ def test_a_second_router_pod_started_after_a_rolling_restart_routes_every_key_as
 ) -> None:
     first, cluster = pod
     # Four pods a class on addresses of their own, as a Deployment's pods have.
-    hosts = iter(range(10, 250))
+    hosts = iter(range(10, 200))
     for worker_class in HASHED:
         for _ in range(4):
             cluster.add(worker_class, network.add_address(next(hosts)), 8008)
@@ -604,3 +644,31 @@ def test_the_agent_killed_in_the_pod_leaves_routing_to_the_fallback(
         assert status == 200, (worker_class, status)
         assert document["class"] == worker_class
         assert logged["via"] == "fallback"
+
+
+@pytest.fixture(scope="module")
+def site_pod(
+    network: Network, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Pod, Cluster]]:
+    """deploy/kubernetes-site as shipped (namespace chat), with MAS."""
+    overlay = site_overlay(tmp_path_factory.mktemp("site"), uncomment=("../kubernetes/mas",))
+    documents = kustomize(overlay)
+    with booted(network, documents, tmp_path_factory.mktemp("site-pod"), 201) as started:
+        yield started
+
+
+def test_a_site_in_namespace_chat_with_mas_is_routed_there(site_pod: tuple[Pod, Cluster]) -> None:
+    p, cluster = site_pod
+    assert p.env("haproxy")["SYNAPSE_NAMESPACE"] == "chat"
+    assert cluster.domain == "chat.svc.cluster.local"
+    # Only chat's names are in the cluster's DNS: every class is found there.
+    samples = {**SAMPLES, "mas": ("POST", "/_matrix/client/v3/login")}
+    for worker_class, (method, path) in samples.items():
+        status, document, logged = route(p, method, path)
+        assert status == 200, (worker_class, status)
+        assert document["class"] == worker_class, (path, document)
+        assert logged["via"] == "agent" and logged["srv"] == document["address"]
+        # Main by synapse-main.chat.svc.cluster.local, the rest by their SRV records.
+        pod_ip = cluster.main_ip if worker_class == "main" else cluster.host_ip
+        assert document["address"].startswith(f"{pod_ip}:"), (worker_class, document)
+    assert p.servers_up("be_mas") == 1
