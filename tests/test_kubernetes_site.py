@@ -10,6 +10,7 @@ MAS, is run in tests/integration/test_kubernetes_pod.py.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -196,3 +197,14 @@ def test_the_media_worker_keeps_its_media_on_the_claim(site: list[dict[str, Any]
     assert mount["mountPath"] == config["media_store_path"]
     assert media["strategy"] == {"type": "Recreate"}
     one(site, "PersistentVolumeClaim", "synapse-media")
+
+
+def test_the_synapse_image_is_the_version_the_tests_run() -> None:
+    kustomization = yaml.safe_load((SYNAPSE / "kustomization.yaml").read_text())
+    (image,) = [i for i in kustomization["images"] if i["name"] == "synapse"]
+    (version,) = re.findall(r"^SYNAPSE_VERSION=(\S+)$", (ROOT / "dev.sh").read_text(), re.M)
+    assert image == {
+        "name": "synapse",
+        "newName": "ghcr.io/element-hq/synapse",
+        "newTag": f"v{version}",
+    }

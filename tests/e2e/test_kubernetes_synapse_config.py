@@ -1,0 +1,71 @@
+"""What deploy/synapse's Deployments give each process, read by Synapse itself.
+
+Every process of the Kubernetes base reads the site's homeserver.yaml (the
+example of docs/deploy-kubernetes.md), then homeserver-workers.yaml, then its
+worker file. Synapse's own configuration loader (``python -m synapse.config``)
+must accept each such set, with and without the docs' MAS section, and see
+the worker it names.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from spoa import kube_synapse
+from tests.e2e.synapse import SYNAPSE_PYTHON
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+SYNAPSE = ROOT / "deploy" / "synapse"
+DOC = (ROOT / "docs" / "deploy-kubernetes.md").read_text()
+
+
+def site_files(directory: Path, mas: bool) -> None:
+    """/etc/synapse as the Deployments lay it out, under ``directory``."""
+    steps = DOC[DOC.index("## From zero to routed traffic") :]
+    (homeserver,) = re.findall(r"```yaml\n(.*?)```", steps[: steps.index("## Probes")], re.S)
+    config = yaml.safe_load(homeserver.replace("/etc/synapse", str(directory)))
+    if mas:
+        (section,) = re.findall(r"`(matrix_authentication_service: \{.*?\})`", steps, re.S)
+        config.update(yaml.safe_load(section))
+    (directory / "homeserver.yaml").write_text(yaml.safe_dump(config))
+    for name in ("homeserver-workers.yaml", "log.yaml"):
+        (directory / name).write_text((SYNAPSE / name).read_text())
+    (directory / "workers").mkdir()
+    for path in (SYNAPSE / "workers").glob("*.yaml"):
+        (directory / "workers" / path.name).write_text(path.read_text())
+    generate = [str(SYNAPSE_PYTHON), "-m", "synapse._scripts.generate_signing_key"]
+    subprocess.run([*generate, "-o", str(directory / "signing.key")], check=True, timeout=60)
+
+
+@pytest.mark.parametrize("mas", [False, True], ids=["plain", "mas"])
+def test_synapse_accepts_what_each_deployment_gives_its_process(
+    mas: bool, tmp_path: Path
+) -> None:
+    if not SYNAPSE_PYTHON.exists():
+        pytest.fail("no .venv-synapse: the README's test command installs Synapse")
+    site_files(tmp_path, mas)
+    deployments = [d for d in kube_synapse.render(SYNAPSE) if d["kind"] == "Deployment"]
+    processes = [d for d in deployments if "synapse-process" in d["metadata"]["labels"]]
+    assert len(processes) == len(list((SYNAPSE / "workers").glob("*.yaml"))) + 1
+    for deployment in processes:
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        configs = [a.replace("/etc/synapse", str(tmp_path)) for a in container["args"]]
+        out = subprocess.run(
+            [str(SYNAPSE_PYTHON), "-m", "synapse.config", "read", "worker.worker_name", *configs],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        name = deployment["metadata"]["labels"]["synapse-process"]
+        assert out.returncode == 0, (name, out.stdout, out.stderr)
+        assert "Config parses OK!" in out.stdout
+        expected = "None" if name == "main" else name
+        assert f"worker.worker_name: {expected}" in out.stdout, (name, out.stdout)
