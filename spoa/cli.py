@@ -28,7 +28,7 @@ from .routing import RouteHandler, static_actions
 from .server import Handler, Limits, SpopServer, parse_listen, static_handler
 from .stats import DecisionStats
 from .status import StatusApp
-from .synapsecfg import SynapseConfigError, check_synapse, load_synapse
+from .synapsecfg import SynapseConfigError, check_synapse, load_synapse, split_synapse_files
 from .whoami import WhoamiResolver, WhoamiStats
 
 log = logging.getLogger("spoa")
@@ -168,9 +168,9 @@ def _add_check(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--synapse",
         nargs="+",
         metavar=("HOMESERVER_YAML", "WORKER_YAML"),
-        help="also check Synapse's configuration (homeserver.yaml, then the worker files): "
-        "a worker for every class, every stream's requests on its writer, media where "
-        "the media repository is on",
+        help="also check Synapse's configuration (homeserver.yaml, and any more files the "
+        "main process reads, then the worker files): a worker for every class, every "
+        "stream's requests on its writer, media where the media repository is on",
     )
     check.add_argument(
         "--not-synapse",
@@ -178,6 +178,12 @@ def _add_check(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=[],
         metavar="CLASS",
         help="a class served by something else than Synapse (for example mas); repeatable",
+    )
+    check.add_argument(
+        "--main-serves-media",
+        action="store_true",
+        help="with --synapse: HAProxy backs up the media workers with the main process "
+        "(SYNAPSE_MAIN_SERVES_MEDIA is set), so their class needs no worker",
     )
 
 
@@ -437,11 +443,14 @@ def _check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         )
     if args.synapse:
         try:
-            synapse = load_synapse(args.synapse[0], args.synapse[1:])
+            main_files, worker_files = split_synapse_files(args.synapse)
+            synapse = load_synapse(main_files, worker_files)
         except SynapseConfigError as exc:
             print(f"error: {exc}", file=err)
             return 1
-        findings = check_synapse(policy, args.policy, synapse, args.not_synapse)
+        findings = check_synapse(
+            policy, args.policy, synapse, args.not_synapse, args.main_serves_media
+        )
         status = max(status, _print_findings(findings, out, err))
     return status
 

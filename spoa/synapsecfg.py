@@ -24,6 +24,8 @@ from .findings import Finding, Level
 from .policy import CompiledPolicy, Request
 
 MAIN = "main"
+#: The class haproxy.cfg backs up with main when SYNAPSE_MAIN_SERVES_MEDIA is set.
+MEDIA_CLASS = "media_repository"
 
 #: One request per stream, as Synapse's workers.md routes it to the writer.
 STREAM_SAMPLES: dict[str, Request] = {
@@ -97,6 +99,12 @@ class SynapseDeployment:
     stream_writers: dict[str, tuple[list[str], int]] = field(default_factory=dict)
     #: instance name -> line in homeserver.yaml.
     instance_map: dict[str, int] = field(default_factory=dict)
+    #: The file each top-level setting of the main process came from (several
+    #: files are read in order, each overriding the settings it gives).
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def source_of(self, setting: str) -> str:
+        return self.sources.get(setting, self.main.source)
 
     @property
     def processes(self) -> list[Process]:
@@ -170,12 +178,20 @@ def _media_on(fields: dict[str, Node], default: bool) -> bool:
     return default if value is None else bool(value)
 
 
-def load_synapse(homeserver: str, worker_files: Iterable[str]) -> SynapseDeployment:
-    """Read a homeserver.yaml and worker files into one :class:`SynapseDeployment`."""
-    top = _entries(_compose(homeserver))
+def load_synapse(homeserver: str | Sequence[str], worker_files: Iterable[str]) -> SynapseDeployment:
+    """Read a homeserver.yaml (or the main process's files, in the order Synapse reads
+    them) and worker files into one :class:`SynapseDeployment`."""
+    files = [homeserver] if isinstance(homeserver, str) else list(homeserver)
+    top: dict[str, Node] = {}
+    sources: dict[str, str] = {}
+    for path in files:
+        entries = _entries(_compose(path))
+        top.update(entries)
+        sources.update(dict.fromkeys(entries, path))
+    listeners_from = sources.get("listeners", files[0])
     main_media = _media_on(top, True)
-    main = Process(MAIN, homeserver, 1, _listeners(top.get("listeners"), homeserver), main_media)
-    deployment = SynapseDeployment(main, [])
+    main = Process(MAIN, files[0], 1, _listeners(top.get("listeners"), listeners_from), main_media)
+    deployment = SynapseDeployment(main, [], sources=sources)
     writers = top.get("stream_writers")
     for stream, node in _entries(writers).items() if writers is not None else ():
         value = _value(node)
@@ -203,6 +219,17 @@ def load_synapse(homeserver: str, worker_files: Iterable[str]) -> SynapseDeploym
     return deployment
 
 
+def split_synapse_files(paths: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The main process's files (the first, and those after it up to the first with a
+    ``worker_name``), then the worker files."""
+    main = [paths[0]]
+    for path in paths[1:]:
+        if "worker_name" in _entries(_compose(path)):
+            break
+        main.append(path)
+    return main, list(paths[len(main) :])
+
+
 # -- checking --------------------------------------------------------------------------
 
 
@@ -215,10 +242,17 @@ def check_synapse(
     policy_path: str,
     deployment: SynapseDeployment,
     not_synapse: Iterable[str] = (),
+    main_serves_media: bool = False,
 ) -> list[Finding]:
-    """Every mismatch between where ``policy`` sends requests and what Synapse runs."""
+    """Every mismatch between where ``policy`` sends requests and what Synapse runs.
+
+    ``main_serves_media`` says HAProxy backs up the media workers' class with the
+    main process (haproxy.cfg's SYNAPSE_MAIN_SERVES_MEDIA): that class with no
+    worker is then served by main, if main has the media repository on.
+    """
     findings: list[Finding] = []
     outside = set(not_synapse)
+    media_source = deployment.source_of("enable_media_repo")
 
     def error(text: str) -> None:
         findings.append(Finding(Level.ERROR, text))
@@ -231,7 +265,21 @@ def check_synapse(
             )
             continue
         processes = deployment.of_class(worker_class)
-        if not processes:
+        if not processes and main_serves_media and worker_class == MEDIA_CLASS:
+            if deployment.main.serves_media:
+                findings.append(
+                    Finding(
+                        Level.NOTE,
+                        f"class {worker_class!r} has no worker: the main process serves its "
+                        "media (SYNAPSE_MAIN_SERVES_MEDIA)",
+                    )
+                )
+            else:
+                error(
+                    f"{media_source}: class {worker_class!r} has no worker and goes to the "
+                    "main process (SYNAPSE_MAIN_SERVES_MEDIA), which has enable_media_repo off"
+                )
+        elif not processes:
             error(
                 f"class {worker_class!r} of {policy_path} has no Synapse worker: no worker file "
                 f"names a worker {worker_class}-N; its requests would fail (or reach main)"
@@ -248,7 +296,8 @@ def check_synapse(
         if worker_class in outside:
             continue
         writers, line = deployment.writers(stream)
-        where = f"{deployment.main.source}:{line}" if line else deployment.main.source
+        source = deployment.source_of("stream_writers")
+        where = f"{source}:{line}" if line else source
         setting = f"stream_writers.{stream} is {writers}" if line else f"main writes {stream}"
         for process in deployment.of_class(worker_class):
             if process.name not in writers:
@@ -271,7 +320,7 @@ def check_synapse(
     if not any(p.serves_media for p in deployment.processes):
         error(
             f"the media repository is on in no process: enable_media_repo is false in "
-            f"{deployment.main.source} and no worker serves the media resource with it on"
+            f"{media_source} and no worker serves the media resource with it on"
         )
     for sample in MEDIA_SAMPLES:
         worker_class = policy.decide(sample).worker_class

@@ -208,3 +208,76 @@ def test_the_synapse_image_is_the_version_the_tests_run() -> None:
         "newName": "ghcr.io/element-hq/synapse",
         "newTag": f"v{version}",
     }
+
+
+def spoa_check_rendered(
+    documents: list[dict[str, Any]], directory: Path, policy: str, *flags: str
+) -> subprocess.CompletedProcess[str]:
+    """spoa check --synapse on the files the rendered Deployments give their processes
+    (the ConfigMap's; the site's Secret holds no routing setting)."""
+    data = one(documents, "ConfigMap", "synapse-workers")["data"]
+    for key, text in data.items():
+        (directory / key).write_text(text)
+    main_files, worker_files = [], []
+    for d in documents:
+        labels = d["metadata"].get("labels", {})
+        if d["kind"] != "Deployment" or "synapse-process" not in labels:
+            continue
+        (synapse,) = d["spec"]["template"]["spec"]["containers"]
+        files = [str(directory / Path(a).name) for a in synapse["args"][1::2]]
+        files = [f for f in files if Path(f).name in data]
+        if labels["synapse-process"] == "main":
+            main_files = files
+        else:
+            worker_files.append(files[-1])
+    return subprocess.run(
+        [
+            str(ROOT / ".venv" / "bin" / "spoa"),
+            *("check", policy, *flags),
+            *("--synapse", *main_files, *sorted(worker_files)),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_spoa_check_synapse_on_what_the_site_runs(
+    site: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    policy = str(ROOT / "deploy" / "kubernetes" / "policy" / "policy.yaml")
+    out = spoa_check_rendered(site, tmp_path, policy)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "ok: Synapse's 20 processes serve every class" in out.stdout
+
+
+def test_media_on_the_main_process_as_a_component(tmp_path: Path) -> None:
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(ROOT / "deploy" / "kubernetes-site", overlay)],
+                "components": [os.path.relpath(SYNAPSE / "media-on-main", overlay)],
+            }
+        )
+    )
+    documents = kustomize(overlay)
+    validate(documents)
+    names = {(d["kind"], d["metadata"]["name"]) for d in documents}
+    assert ("Deployment", "synapse-media-repository-1") not in names
+    main = one(documents, "Deployment", "synapse-main")["spec"]
+    (synapse,) = main["template"]["spec"]["containers"]
+    assert synapse["args"][-2:] == ["-c", "/etc/synapse/media-on-main.yaml"]
+    assert {"name": "media", "mountPath": "/media"} in synapse["volumeMounts"]
+    assert main["strategy"] == {"type": "Recreate"}
+    env = container(documents, "haproxy")["env"]
+    assert {"name": "SYNAPSE_MAIN_SERVES_MEDIA", "value": "1"} in env
+    policy = str(ROOT / "deploy" / "kubernetes" / "policy" / "policy.yaml")
+    checked = spoa_check_rendered(documents, tmp_path, policy, "--main-serves-media")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "the main process serves its media" in checked.stdout
+    # Without HAProxy's main backup the check says media would have nowhere to go.
+    assert spoa_check_rendered(documents, tmp_path, policy).returncode == 1

@@ -161,3 +161,38 @@ def test_the_check_exits_1_on_a_file_it_cannot_read(
     code = main(["check", POLICY, "--synapse", str(tmp_path / "absent.yaml")])
     assert code == 1
     assert "error:" in capsys.readouterr().err
+
+
+def test_media_on_main_as_deploy_synapse_media_on_main_makes_it(
+    copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (copy / "workers" / "media_repository-1.yaml").unlink()
+    workers = sorted(str(p) for p in (copy / "workers").glob("*.yaml"))
+    main_files = [str(copy / "homeserver-workers.yaml")]
+    # Without main's media file: main has media off, and the media class no worker.
+    code = main(["check", POLICY, "--main-serves-media", "--synapse", *main_files, *workers])
+    out = capsys.readouterr()
+    assert code == 1
+    assert "homeserver-workers.yaml: class 'media_repository' has no worker" in out.err
+    assert "enable_media_repo off" in out.err
+    # The component's file, read after homeserver-workers.yaml, turns it on.
+    main_files.append(str(copy / "media-on-main" / "media-on-main.yaml"))
+    code = main(["check", POLICY, "--main-serves-media", "--synapse", *main_files, *workers])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "the main process serves its media (SYNAPSE_MAIN_SERVES_MEDIA)" in out.out
+    # Without the flag, HAProxy would send media to a class with no worker.
+    code = main(["check", POLICY, "--synapse", *main_files, *workers])
+    assert code == 1
+    assert "class 'media_repository' of" in capsys.readouterr().err
+
+
+def test_main_reads_several_files_each_overriding_the_last(copy: Path) -> None:
+    extra = copy / "more.yaml"
+    extra.write_text("stream_writers:\n  typing: [main]\n")
+    workers = sorted(str(p) for p in (copy / "workers").glob("*.yaml"))
+    deployment = load_synapse([str(copy / "homeserver-workers.yaml"), str(extra)], workers)
+    assert deployment.writers("typing") == (["main"], 2)
+    findings = check_synapse(load_policy(POLICY), POLICY, deployment)
+    # The error names the file the setting came from.
+    assert any(f.level == Level.ERROR and f"{extra}:2" in f.text for f in findings)

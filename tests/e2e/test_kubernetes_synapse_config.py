@@ -3,27 +3,47 @@
 Every process of the Kubernetes base reads the site's homeserver.yaml (the
 example of docs/deploy-kubernetes.md), then homeserver-workers.yaml, then its
 worker file. Synapse's own configuration loader (``python -m synapse.config``)
-must accept each such set, with and without the docs' MAS section, and see
-the worker it names.
+must accept each such set, with and without the docs' MAS section, and with
+the media on main (deploy/synapse/media-on-main), and see the worker it names.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from spoa import kube_synapse
 from tests.e2e.synapse import SYNAPSE_PYTHON
+from tests.k8s_render import kustomize
 
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 SYNAPSE = ROOT / "deploy" / "synapse"
 DOC = (ROOT / "docs" / "deploy-kubernetes.md").read_text()
+MEDIA_ON_MAIN = SYNAPSE / "media-on-main" / "media-on-main.yaml"
+
+
+def rendered(variant: str, directory: Path) -> list[dict[str, Any]]:
+    """The Deployments of deploy/kubernetes-site, with the media component if asked."""
+    directory.mkdir()
+    components = [os.path.relpath(SYNAPSE / "media-on-main", directory)]
+    (directory / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(ROOT / "deploy" / "kubernetes-site", directory)],
+                "components": components if variant == "media-on-main" else [],
+            }
+        )
+    )
+    return [d for d in kustomize(directory) if d["kind"] == "Deployment"]
 
 
 def site_files(directory: Path, mas: bool) -> None:
@@ -35,8 +55,8 @@ def site_files(directory: Path, mas: bool) -> None:
         (section,) = re.findall(r"`(matrix_authentication_service: \{.*?\})`", steps, re.S)
         config.update(yaml.safe_load(section))
     (directory / "homeserver.yaml").write_text(yaml.safe_dump(config))
-    for name in ("homeserver-workers.yaml", "log.yaml"):
-        (directory / name).write_text((SYNAPSE / name).read_text())
+    for path in (SYNAPSE / "homeserver-workers.yaml", SYNAPSE / "log.yaml", MEDIA_ON_MAIN):
+        (directory / path.name).write_text(path.read_text())
     (directory / "workers").mkdir()
     for path in (SYNAPSE / "workers").glob("*.yaml"):
         (directory / "workers" / path.name).write_text(path.read_text())
@@ -44,19 +64,22 @@ def site_files(directory: Path, mas: bool) -> None:
     subprocess.run([*generate, "-o", str(directory / "signing.key")], check=True, timeout=60)
 
 
-@pytest.mark.parametrize("mas", [False, True], ids=["plain", "mas"])
+@pytest.mark.parametrize("variant", ["plain", "mas", "media-on-main"])
 def test_synapse_accepts_what_each_deployment_gives_its_process(
-    mas: bool, tmp_path: Path
+    variant: str, tmp_path: Path
 ) -> None:
     if not SYNAPSE_PYTHON.exists():
         pytest.fail("no .venv-synapse: the README's test command installs Synapse")
-    site_files(tmp_path, mas)
-    deployments = [d for d in kube_synapse.render(SYNAPSE) if d["kind"] == "Deployment"]
+    site_files(tmp_path, variant == "mas")
+    deployments = rendered(variant, tmp_path / "overlay")
     processes = [d for d in deployments if "synapse-process" in d["metadata"]["labels"]]
-    assert len(processes) == len(list((SYNAPSE / "workers").glob("*.yaml"))) + 1
+    workers = len(list((SYNAPSE / "workers").glob("*.yaml")))
+    assert len(processes) == workers + (0 if variant == "media-on-main" else 1)
     for deployment in processes:
         (container,) = deployment["spec"]["template"]["spec"]["containers"]
         configs = [a.replace("/etc/synapse", str(tmp_path)) for a in container["args"]]
+        if variant == "media-on-main" and deployment["metadata"]["name"] == "synapse-main":
+            assert configs[-1] == str(tmp_path / MEDIA_ON_MAIN.name)
         out = subprocess.run(
             [str(SYNAPSE_PYTHON), "-m", "synapse.config", "read", "worker.worker_name", *configs],
             capture_output=True,
