@@ -84,3 +84,20 @@ def site_overlay(
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
     return directory
+
+
+def overlay(directory: Path, resources: list[Path], components: tuple[Path, ...] = ()) -> Path:
+    """A kustomization in ``directory`` of ``resources`` and ``components`` (paths made
+    relative, as kustomize wants them)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(r, directory) for r in resources],
+                "components": [os.path.relpath(c, directory) for c in components],
+            }
+        )
+    )
+    return directory

@@ -8,7 +8,6 @@ tests/integration/test_kubernetes_pod.py.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -19,26 +18,24 @@ import yaml
 
 from spoa.demo.stack import env_name
 from spoa.policy import load_policy
-from tests.k8s_render import KUSTOMIZATION, container, containers, kustomize, one, pod_spec
+from tests.k8s_render import (
+    KUSTOMIZATION,
+    container,
+    containers,
+    kustomize,
+    one,
+    overlay,
+    pod_spec,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 HAPROXY_CFG = (ROOT / "haproxy" / "haproxy.cfg").read_text()
 
 
 def rendered_with_monitoring(tmp_path: Path) -> list[dict[str, Any]]:
-    overlay = tmp_path / "overlay"
-    overlay.mkdir()
-    (overlay / "kustomization.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                "kind": "Kustomization",
-                "resources": [os.path.relpath(KUSTOMIZATION, overlay)],
-                "components": [os.path.relpath(KUSTOMIZATION / "monitoring", overlay)],
-            }
-        )
+    return kustomize(
+        overlay(tmp_path / "overlay", [KUSTOMIZATION], (KUSTOMIZATION / "monitoring",))
     )
-    return kustomize(overlay)
 
 
 @pytest.fixture(scope="module")

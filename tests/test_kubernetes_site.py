@@ -9,7 +9,6 @@ MAS, is run in tests/integration/test_kubernetes_pod.py.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import yaml
 from spoa import kube_synapse
 from spoa.policy import Request, load_policy
 from spoa.synapsecfg import check_synapse, load_synapse
-from tests.k8s_render import KUSTOMIZATION, container, kustomize, one, site_overlay
+from tests.k8s_render import KUSTOMIZATION, container, kustomize, one, overlay, site_overlay
 
 ROOT = Path(__file__).resolve().parent.parent
 SYNAPSE = ROOT / "deploy" / "synapse"
@@ -38,18 +37,7 @@ def validate(documents: list[dict[str, Any]]) -> None:
 
 def plain_with_mas(directory: Path) -> list[dict[str, Any]]:
     """deploy/kubernetes with "components: [mas]", as the docs' MAS step says."""
-    directory.mkdir()
-    (directory / "kustomization.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                "kind": "Kustomization",
-                "resources": [os.path.relpath(KUSTOMIZATION, directory)],
-                "components": [os.path.relpath(KUSTOMIZATION / "mas", directory)],
-            }
-        )
-    )
-    return kustomize(directory)
+    return kustomize(overlay(directory, [KUSTOMIZATION], (KUSTOMIZATION / "mas",)))
 
 
 def namespaces(documents: list[dict[str, Any]]) -> set[str]:
@@ -252,19 +240,8 @@ def test_spoa_check_synapse_on_what_the_site_runs(
 
 
 def test_media_on_the_main_process_as_a_component(tmp_path: Path) -> None:
-    overlay = tmp_path / "overlay"
-    overlay.mkdir()
-    (overlay / "kustomization.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                "kind": "Kustomization",
-                "resources": [os.path.relpath(ROOT / "deploy" / "kubernetes-site", overlay)],
-                "components": [os.path.relpath(SYNAPSE / "media-on-main", overlay)],
-            }
-        )
-    )
-    documents = kustomize(overlay)
+    site = ROOT / "deploy" / "kubernetes-site"
+    documents = kustomize(overlay(tmp_path / "overlay", [site], (SYNAPSE / "media-on-main",)))
     validate(documents)
     names = {(d["kind"], d["metadata"]["name"]) for d in documents}
     assert ("Deployment", "synapse-media-repository-1") not in names

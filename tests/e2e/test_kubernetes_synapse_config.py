@@ -9,7 +9,6 @@ the media on main (deploy/synapse/media-on-main), and see the worker it names.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 import yaml
 
 from tests.e2e.synapse import SYNAPSE_PYTHON
-from tests.k8s_render import kustomize
+from tests.k8s_render import kustomize, overlay
 
 pytestmark = pytest.mark.e2e
 
@@ -31,19 +30,9 @@ MEDIA_ON_MAIN = SYNAPSE / "media-on-main" / "media-on-main.yaml"
 
 def rendered(variant: str, directory: Path) -> list[dict[str, Any]]:
     """The Deployments of deploy/kubernetes-site, with the media component if asked."""
-    directory.mkdir()
-    components = [os.path.relpath(SYNAPSE / "media-on-main", directory)]
-    (directory / "kustomization.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                "kind": "Kustomization",
-                "resources": [os.path.relpath(ROOT / "deploy" / "kubernetes-site", directory)],
-                "components": components if variant == "media-on-main" else [],
-            }
-        )
-    )
-    return [d for d in kustomize(directory) if d["kind"] == "Deployment"]
+    components = (SYNAPSE / "media-on-main",) if variant == "media-on-main" else ()
+    site = overlay(directory, [ROOT / "deploy" / "kubernetes-site"], components)
+    return [d for d in kustomize(site) if d["kind"] == "Deployment"]
 
 
 def site_files(directory: Path, mas: bool) -> None:
