@@ -22,6 +22,7 @@ from .haproxycfg import check_haproxy, check_running, format_report
 from .httpd import HttpServer
 from .metrics import AgentCollector, build_registry
 from .policy import CompiledPolicy, Decision, PolicyError, Request, WhoamiSpec, load_policy
+from .policy import diff as policy_diff
 from .policy.reload import PolicyHolder, ReloadResult
 from .policy.show import effective, format_text
 from .routing import RouteHandler, static_actions
@@ -246,6 +247,32 @@ def _add_show(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     show.add_argument("--json", action="store_true", help="as one JSON document")
 
 
+def _add_diff(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """spoa diff: what a policy edit moves."""
+    diff = commands.add_parser(
+        "diff",
+        help="what a policy edit moves, over a set of requests",
+        description="Decide a set of requests with both policies and say which change class, "
+        "rule or key. Exit 0 when nothing changes, 1 when something does, 2 on an error.",
+    )
+    diff.add_argument("old", metavar="OLD")
+    diff.add_argument("new", metavar="NEW")
+    diff.add_argument(
+        "--requests",
+        metavar="FILE",
+        help="JSON lines as spoa explain --jsonl reads them (a recorded sample: "
+        "spoa serve --record); '-' for stdin. Default: --count requests of spoa.traffic",
+    )
+    diff.add_argument(
+        "--count",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="how many requests of spoa.traffic, without --requests (default 10000)",
+    )
+    diff.add_argument("--json", action="store_true", help="the report as JSON")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spoa", description="SPOE agent that routes Matrix Synapse requests for HAProxy."
@@ -258,6 +285,7 @@ def _build_parser() -> argparse.ArgumentParser:
         _add_fallback,
         _add_explain,
         _add_show,
+        _add_diff,
         demo_commands.add,
     ):
         add(commands)
@@ -651,6 +679,60 @@ def _show(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
+def _diff_requests(args: argparse.Namespace, err: TextIO) -> tuple[list[Request], str] | None:
+    """The requests to diff over and what they are, or None once the error is printed."""
+    if args.requests is None:
+        from . import traffic  # the demo's traffic: loaded only when used
+
+        if args.count < 1:
+            print("spoa diff: --count must be at least 1", file=err)
+            return None
+        generated = [
+            _request(t.method, t.target, t.headers, t.src) for t in traffic.generate(args.count)
+        ]
+        return generated, "spoa.traffic"
+    try:
+        if args.requests == "-":
+            items = _jsonl_requests(sys.stdin)
+        else:
+            with open(args.requests, encoding="utf-8") as handle:
+                items = _jsonl_requests(handle)
+    except OSError as exc:
+        print(f"spoa diff: {args.requests}: cannot read: {exc.strerror or exc}", file=err)
+        return None
+    except UnicodeDecodeError:
+        print(f"spoa diff: {args.requests}: not UTF-8 text", file=err)
+        return None
+    errors = [item for item in items if isinstance(item, str)]
+    for error in errors[:10]:
+        print(f"spoa diff: {args.requests}: {error}", file=err)
+    if errors:
+        print(f"spoa diff: {args.requests}: {len(errors)} lines are not requests", file=err)
+        return None
+    requests = [item for item in items if isinstance(item, Request)]
+    if not requests:
+        print(f"spoa diff: {args.requests}: no requests", file=err)
+        return None
+    return requests, args.requests
+
+
+def _diff(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    old = _load_reporting(args.old, err)
+    new = _load_reporting(args.new, err)
+    if old is None or new is None:
+        return 2
+    found = _diff_requests(args, err)
+    if found is None:
+        return 2
+    requests, source = found
+    report = policy_diff.diff(old, new, requests)
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2), file=out)
+    else:
+        out.write(policy_diff.format_text(report, args.old, args.new, source))
+    return 1 if report.changed else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
@@ -672,6 +754,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _explain(args, sys.stdout, sys.stderr)
     if args.command == "show":
         return _show(args, sys.stdout, sys.stderr)
+    if args.command == "diff":
+        return _diff(args, sys.stdout, sys.stderr)
     if args.command in demo_commands.NAMES:
         return demo_commands.run(args)
     parser.error(f"unknown command {args.command}")
