@@ -25,8 +25,10 @@ from .policy import CompiledPolicy, Decision, PolicyError, Request, WhoamiSpec, 
 from .policy import diff as policy_diff
 from .policy.reload import PolicyHolder, ReloadResult
 from .policy.show import effective, format_text
+from .record import Recorder
 from .routing import RouteHandler, static_actions
 from .server import Handler, Limits, SpopServer, parse_listen, static_handler
+from .shadow import Shadow
 from .stats import DecisionStats
 from .status import StatusApp
 from .synapsecfg import SynapseConfigError, check_synapse, load_synapse, split_synapse_files
@@ -123,6 +125,39 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="HAProxy's runtime API (stats socket, level admin): unix:PATH, /PATH or "
         "HOST:PORT; every policy loaded is pushed into the running HAProxy's fallback "
         "map there (needs --fallback-map: the map's name in haproxy.cfg)",
+    )
+    serve.add_argument(
+        "--record",
+        metavar="FILE",
+        help="append a sample of the requests decided to FILE, as JSON lines spoa explain "
+        "--jsonl and spoa diff --requests read, with every token and signature replaced",
+    )
+    serve.add_argument(
+        "--record-rate",
+        type=_positive_float,
+        default=10.0,
+        metavar="N",
+        help="with --record: at most N requests a second (default 10)",
+    )
+    serve.add_argument(
+        "--record-max-bytes",
+        type=int,
+        default=64 * 1024 * 1024,
+        metavar="BYTES",
+        help="with --record: FILE is renamed FILE.1 (replacing it) at this size (default 64 MiB)",
+    )
+    serve.add_argument(
+        "--shadow",
+        metavar="CANDIDATE",
+        help="also decide requests with the policy CANDIDATE (reloaded live), after "
+        "answering, and count where it would differ (metrics, status page)",
+    )
+    serve.add_argument(
+        "--shadow-every",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --shadow: decide one request in N with the candidate (default 1: all)",
     )
     _add_limits(serve)
     serve.add_argument(
@@ -362,17 +397,47 @@ async def _serve(args: argparse.Namespace) -> int:
             )
             return 1
         fallback.publish(holder.current)
-        handler = RouteHandler(holder, decisions, whoami=whoami)
+        recorder: Recorder | None = None
+        shadow: Shadow | None = None
+        try:
+            if args.record:
+                recorder = Recorder(args.record, args.record_rate, args.record_max_bytes)
+        except (OSError, ValueError) as exc:
+            log.error("cannot start: --record %s: %s", args.record, exc)
+            return 2
+        try:
+            if args.shadow:
+                shadow = Shadow(args.shadow, args.shadow_every, max(0.0, args.settle))
+        except ValueError as exc:
+            log.error("cannot start: --shadow-every: %s", exc)
+            return 2
+        handler = RouteHandler(holder, decisions, whoami=whoami, recorder=recorder, shadow=shadow)
+    elif args.record or args.shadow:
+        log.error("cannot start: --record and --shadow need --policy")
+        return 2
     else:
         handler = static_handler(static_actions(args.static_class))
     server = SpopServer(handler, limits)
+    route = handler if isinstance(handler, RouteHandler) else None
     registry = build_registry(
         AgentCollector(
-            server.stats, decisions, holder, whoami, map_stats if keeper is not None else None
+            server.stats,
+            decisions,
+            holder,
+            whoami,
+            map_stats if keeper is not None else None,
+            route=route,
         )
     )
     status = StatusApp(
-        server, decisions, holder, registry, whoami, map_stats if keeper is not None else None
+        server,
+        decisions,
+        holder,
+        registry,
+        whoami,
+        map_stats if keeper is not None else None,
+        shadow=route.shadow if route is not None else None,
+        recorder=route.recorder if route is not None else None,
     )
     http: HttpServer | None = None
     try:
@@ -403,17 +468,23 @@ async def _serve(args: argparse.Namespace) -> int:
         reloading = holder
         loop.add_signal_handler(signal.SIGHUP, lambda: reloading.reload(force=True))
         watcher = loop.create_task(holder.watch(args.poll_interval))
+    shadowing = None
+    if isinstance(handler, RouteHandler) and handler.shadow is not None:
+        candidate = handler.shadow
+        shadowing = loop.create_task(candidate.watch(args.poll_interval))
     pusher = loop.create_task(keeper.run()) if keeper is not None else None
     log.info("listening for SPOP on %s", " ".join(server.addresses))
     await stop.wait()
     log.info("stopping: draining %d connections", server.stats.connections_open)
-    for task in (watcher, pusher):
+    for task in (watcher, shadowing, pusher):
         if task is not None:
             task.cancel()
     sampler.cancel()
     await server.drain()
     if isinstance(handler, RouteHandler):
         await handler.close()
+        if handler.recorder is not None:
+            handler.recorder.close()
     if http is not None:
         await http.stop()
     log.info("stopped")

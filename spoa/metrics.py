@@ -28,6 +28,7 @@ from . import __version__
 from .haproxyapi import MapStats
 from .policy import DEFAULT_RULE
 from .policy.reload import PolicyHolder
+from .routing import RouteHandler
 from .spop import Status
 from .stats import LATENCY_BOUNDS_NS, LATENCY_SAMPLE, DecisionStats, ServerStats
 from .whoami import RESULTS, SKIPS, WhoamiStats
@@ -45,8 +46,11 @@ class AgentCollector(Collector):
         holder: PolicyHolder | None,
         whoami: WhoamiStats | None = None,
         fallback_map: MapStats | None = None,
+        route: RouteHandler | None = None,
     ) -> None:
         self.server = server
+        #: The recorder and the shadow policy, when the handler has them.
+        self.route = route
         self.decisions = decisions
         self.holder = holder
         self.whoami = whoami
@@ -60,12 +64,71 @@ class AgentCollector(Collector):
         yield from self._policy()
         yield from self._whoami()
         yield from self._fallback_map()
+        yield from self._observed()
         build = InfoMetricFamily("spoa_build", "The agent's version and runtime.")
         build.add_metric([], {"version": __version__, "python": platform.python_version()})
         yield build
         yield GaugeMetricFamily(
             "spoa_start_time_seconds", "When the agent started (Unix).", value=self.started
         )
+
+    def _observed(self) -> Iterator[Metric]:
+        route = self.route
+        if route is None:
+            return
+        if route.recorder is not None or route.shadow is not None:
+            yield CounterMetricFamily(
+                "spoa_observe_dropped",
+                "Requests sampled for recording or the shadow policy but dropped: the "
+                "agent's loop fell behind.",
+                value=route.observe_dropped,
+            )
+        recorder = route.recorder
+        if recorder is not None:
+            stats = recorder.stats
+            yield CounterMetricFamily(
+                "spoa_recorded_requests",
+                "Requests written to the --record file (scrubbed of secrets).",
+                value=stats.written,
+            )
+            yield CounterMetricFamily(
+                "spoa_record_skipped_requests",
+                "Requests the --record-rate limit left out of the recording.",
+                value=stats.skipped,
+            )
+            yield GaugeMetricFamily(
+                "spoa_record_active",
+                "1 while the agent records, 0 once a write error stopped it.",
+                value=int(recorder.active),
+            )
+        shadow = route.shadow
+        if shadow is None:
+            return
+        decided = CounterMetricFamily(
+            "spoa_shadow_decisions",
+            "Requests decided by the shadow (candidate) policy too, by the class the running "
+            "policy chose and the class the candidate would.",
+            labels=["class", "shadow_class"],
+        )
+        for (worker_class, shadow_class), value in sorted(shadow.stats.classes.items()):
+            decided.add_metric([worker_class, shadow_class], value)
+        yield decided
+        changed = CounterMetricFamily(
+            "spoa_shadow_changed_keys",
+            "Requests the candidate would send to the same class with another key.",
+            labels=["class"],
+        )
+        for worker_class, value in sorted(shadow.stats.changed_keys.items()):
+            changed.add_metric([worker_class], value)
+        yield changed
+        candidate = shadow.policy
+        info = GaugeMetricFamily(
+            "spoa_shadow_policy_ok",
+            "1 when the shadow policy file loads, 0 when it does not (ignored until fixed).",
+            labels=["version"],
+        )
+        info.add_metric([candidate.version if candidate else ""], int(shadow.error is None))
+        yield info
 
     def _decisions(self) -> Iterator[Metric]:
         counts = dict(self.decisions.counts)

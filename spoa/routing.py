@@ -24,10 +24,16 @@ from .matrix import access_token
 from .memo import Memo
 from .policy import DEFAULT_RULE, ERROR_RULE, CompiledPolicy, Decision, Request
 from .policy.reload import PolicyHolder
+from .record import Recorder
+from .shadow import Shadow
 from .spop import Message, Notify, Scope, SetVar, UInt32, encode_action, encode_actions
 from .spop.codec import encode_varint
 from .stats import LATENCY_BOUNDS_NS, LATENCY_SAMPLE, DecisionStats
 from .whoami import WhoamiResolver, WhoamiStats
+
+#: Requests sampled for the recorder and the shadow, at most, between two turns
+#: of the event loop; more are dropped (counted) rather than held.
+OBSERVE_BATCH: Final = 10_000
 
 log = logging.getLogger("spoa.routing")
 
@@ -101,9 +107,24 @@ class RouteHandler:
         stats: DecisionStats | None = None,
         count: bool = True,
         whoami: WhoamiStats | None = None,
+        recorder: Recorder | None = None,
+        shadow: Shadow | None = None,
     ) -> None:
-        """``count=False`` skips the metrics counters (for measuring what they cost)."""
+        """``count=False`` skips the metrics counters (for measuring what they cost).
+
+        ``recorder`` and ``shadow`` see the requests they sample after the
+        answer is built, in a batch the event loop runs next: never before
+        HAProxy has its answer, never in the way of one.
+        """
         self.holder = holder
+        self.recorder = recorder
+        self.shadow = shadow
+        self._observing = recorder is not None or shadow is not None
+        self._pending: list[tuple[Request, Decision, CompiledPolicy, bool, bool]] = []
+        #: Sampled requests dropped because the batch was full (the loop fell behind).
+        self.observe_dropped = 0
+        #: Errors of the recorder or the shadow (logged, counted, never raised).
+        self.observe_errors = 0
         self.stats = stats if stats is not None else DecisionStats()
         self.whoami = whoami if whoami is not None else WhoamiStats()
         self._count = count
@@ -153,6 +174,39 @@ class RouteHandler:
         self._waiting_rules = frozenset(
             rule.name for rule in (*policy.rules, policy.default) if waits and rule.resolves
         )
+
+    def _queue(self, request: Request, decision: Decision) -> None:
+        record = self.recorder is not None and self.recorder.wants()
+        shadow = self.shadow is not None and self.shadow.wants()
+        if not (record or shadow) or self._policy is None:
+            return
+        if len(self._pending) >= OBSERVE_BATCH:
+            self.observe_dropped += 1
+            return
+        if not self._pending:
+            try:
+                asyncio.get_running_loop().call_soon(self._drain)
+            except RuntimeError:  # no loop (a benchmark calling the handler): now
+                self._pending.append((request, decision, self._policy, record, shadow))
+                self._drain()
+                return
+        self._pending.append((request, decision, self._policy, record, shadow))
+
+    def _drain(self) -> None:
+        pending, self._pending = self._pending, []
+        resolver = self._resolver
+        for request, decision, policy, record, shadow in pending:
+            try:
+                if record and self.recorder is not None:
+                    self.recorder.write(request, decision)
+                if shadow and self.shadow is not None:
+                    self.shadow.observe(request, decision, policy, resolver)
+            except Exception:
+                self.observe_errors += 1
+                if self.observe_errors == 1 or self.observe_errors % 10_000 == 0:
+                    log.exception(
+                        "recording or shadowing a request failed (%d so far)", self.observe_errors
+                    )
 
     async def close(self) -> None:
         """Stop the whoami lookups (at shutdown)."""
@@ -238,6 +292,8 @@ class RouteHandler:
                 elapsed = perf_counter_ns() - started
                 stats.buckets[bisect_left(LATENCY_BOUNDS_NS, elapsed)] += 1
                 stats.latency_sum_ns += elapsed
+        if self._observing:
+            self._queue(request, decision)
         if self._debug:
             # Never the key source: it may be an access token.
             log.debug(

@@ -23,7 +23,9 @@ from .haproxyapi import MapStats
 from .httpd import HttpRequest, HttpResponse
 from .policy import DEFAULT_RULE
 from .policy.reload import PolicyHolder
+from .record import Recorder
 from .server import SpopServer
+from .shadow import Shadow
 from .stats import DecisionStats
 from .whoami import WhoamiStats
 
@@ -84,8 +86,12 @@ class StatusApp:
         registry: CollectorRegistry,
         whoami: WhoamiStats | None = None,
         fallback_map: MapStats | None = None,
+        shadow: Shadow | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self.server = server
+        self.shadow = shadow
+        self.recorder = recorder
         self.whoami = whoami
         self.fallback_map = fallback_map
         self.decisions = decisions
@@ -105,6 +111,10 @@ class StatusApp:
             return HttpResponse(200 if ready else 503, (why + "\n").encode())
         if path == "/status.json":
             return HttpResponse(200, json.dumps(self.snapshot()).encode(), "application/json")
+        if path == "/shadow.html":  # the page's shadow section, refreshed by its script
+            return HttpResponse(
+                200, _shadow_html(self._shadow()).encode(), "text/html; charset=utf-8"
+            )
         if path == "/":
             return HttpResponse(
                 200, render_page(self.snapshot()).encode(), "text/html; charset=utf-8"
@@ -175,6 +185,43 @@ class StatusApp:
             "handler_errors": stats.handler_errors,
             "whoami": self._whoami(),
             "fallback_map": self._fallback_map(),
+            "shadow": self._shadow(),
+            "record": self._record(),
+        }
+
+    def _shadow(self) -> dict[str, Any] | None:
+        """Where the candidate policy would send requests, or None without one."""
+        shadow = self.shadow
+        if shadow is None:
+            return None
+        stats = shadow.stats
+        candidate = shadow.policy
+        return {
+            "file": shadow.path,
+            "version": candidate.version if candidate is not None else None,
+            "error": shadow.error,
+            "every": shadow.every,
+            "decided": stats.decided,
+            "differing": stats.differing(),
+            "classes": [
+                {"class": a, "shadow_class": b, "requests": n}
+                for (a, b), n in sorted(stats.classes.items(), key=lambda item: -item[1])
+            ],
+            "changed_keys": dict(sorted(stats.changed_keys.items())),
+        }
+
+    def _record(self) -> dict[str, Any] | None:
+        recorder = self.recorder
+        if recorder is None:
+            return None
+        stats = recorder.stats
+        return {
+            "file": recorder.path,
+            "active": recorder.active,
+            "written": stats.written,
+            "skipped": stats.skipped,
+            "rotations": stats.rotations,
+            "errors": stats.errors,
         }
 
     def _fallback_map(self) -> dict[str, Any] | None:
@@ -235,6 +282,42 @@ def _whoami_text(whoami: Mapping[str, Any]) -> str:
         f"users and {whoami['rejected_cached']} rejected tokens cached, "
         f"{whoami['in_flight']} lookups in flight; {whoami['hits']} hits, "
         f"{whoami['misses']} misses; lookups: {lookups}; not started: {skipped}."
+    )
+
+
+def _shadow_html(shadow: Mapping[str, Any] | None) -> str:
+    if shadow is None:
+        return ""
+    title = "<h2>Shadow policy</h2>"
+    where = f"<code>{html.escape(shadow['file'])}</code>"
+    if shadow["version"] is None:
+        return (
+            f"{title}<div class=error><b>The candidate {where} does not load; it is ignored:"
+            f"</b><pre>{html.escape(shadow['error'] or '')}</pre></div>"
+        )
+    sample = "every request" if shadow["every"] == 1 else f"one request in {shadow['every']}"
+    text = (
+        f"{title}<p>Candidate <b>{html.escape(shadow['version'])}</b> from {where}, deciding "
+        f"{sample} after the answer: {shadow['decided']} decided, {shadow['differing']} would "
+        "go elsewhere (another class or another key).</p>"
+    )
+    if shadow["error"]:
+        text += (
+            "<div class=error><b>The candidate's last edit was rejected; the version above "
+            f"still shadows:</b><pre>{html.escape(shadow['error'])}</pre></div>"
+        )
+    rows = "".join(
+        f"<tr><td>{html.escape(c['class'])}</td><td>{html.escape(c['shadow_class'])}</td>"
+        f"<td class=num>{c['requests']}</td><td class=num>"
+        f"{shadow['changed_keys'].get(c['class'], 0) if c['class'] == c['shadow_class'] else ''}"
+        "</td></tr>"
+        for c in shadow["classes"]
+    )
+    return (
+        text + "<table><thead><tr><th>class</th><th>candidate's class</th>"
+        "<th class=num>requests</th><th class=num>of them, another key</th></tr></thead>"
+        f"<tbody id=shadow>{rows or '<tr><td colspan=4 class=muted>none yet</td></tr>'}"
+        "</tbody></table>"
     )
 
 
@@ -311,6 +394,7 @@ td, th {{ border-bottom: 1px solid #ddd; padding: .25em .8em; text-align: left; 
 {conns["healthchecks"]} health checks, {conns["refused"]} refused; protocol errors: {errors};
 handler errors: {snap["handler_errors"]}.<span id=fallback>{fallback_html}</span></p>
 {whoami_html}
+<div id=shadow-section>{_shadow_html(snap.get("shadow"))}</div>
 <p class=muted><a href="/metrics">/metrics</a> · <a href="/healthz">/healthz</a> ·
 <a href="/status.json">/status.json</a> · updated <span id=updated>now</span></p>
 <script>
@@ -342,6 +426,10 @@ async function refresh() {{
     document.getElementById("classes").innerHTML = rows(snap.by_class, snap.class_shares);
     document.getElementById("rules").innerHTML = rows(snap.by_rule, snap.rule_shares);
     if (snap.policy) document.getElementById("version").textContent = snap.policy.version;
+    if (snap.shadow) {{
+      const section = await fetch("/shadow.html", {{cache: "no-store"}});
+      document.getElementById("shadow-section").innerHTML = await section.text();
+    }}
     document.getElementById("updated").textContent = new Date().toLocaleTimeString();
   }} catch (e) {{
     document.getElementById("updated").textContent = "failed: " + e;

@@ -143,6 +143,8 @@ class Router:
     environment: dict[str, str] = field(default_factory=dict)
     #: Whether being up means the agent UP too (False: HAProxy routes alone).
     expect_agent: bool = True
+    #: More arguments of the agent's ``spoa serve`` (--record, --shadow, ...).
+    agent_args: tuple[str, ...] = ()
     agent: subprocess.Popen[bytes] | None = None
     haproxy: subprocess.Popen[bytes] | None = None
     classes: tuple[str, ...] = ()
@@ -198,6 +200,7 @@ class Router:
             str(self.admin_socket),
             "--http",
             self.agent_http,
+            *self.agent_args,
         ]
         self.agent = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         log.close()
