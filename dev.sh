@@ -209,6 +209,29 @@ ensure_compose() {
         "${mounts[@]}" --build-arg PYTHON_IMAGE=localhost/spoa-local/python:3.11-bookworm . || return 1
 }
 
+# promtool (tests/test_alerts.py), from Debian's prometheus package unpacked
+# into the cache: nothing is installed, no service is started.
+PROMTOOL_CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/matrix-spoa/promtool
+ensure_promtool() {
+    if command -v promtool >/dev/null; then
+        export SPOA_PROMTOOL=${SPOA_PROMTOOL:-$(command -v promtool)}
+        return
+    fi
+    if [ ! -x "$PROMTOOL_CACHE/usr/bin/promtool" ]; then
+        say "unpacking promtool from Debian's prometheus package into $PROMTOOL_CACHE"
+        [ "$APT_UPDATED" = 1 ] || { as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq; APT_UPDATED=1; }
+        local tmp
+        tmp=$(mktemp -d)
+        (cd "$tmp" && apt-get download -qq prometheus 2>/dev/null) \
+            || { rm -rf "$tmp"; say "could not download the prometheus package"; exit 1; }
+        rm -rf "$PROMTOOL_CACHE"
+        mkdir -p "$PROMTOOL_CACHE"
+        dpkg-deb -x "$tmp"/prometheus_*.deb "$PROMTOOL_CACHE"
+        rm -rf "$tmp"
+    fi
+    export SPOA_PROMTOOL="$PROMTOOL_CACHE/usr/bin/promtool"
+}
+
 ensure_venv() {
     if ! python3 -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null; then
         say "Python 3.11 or newer is required (python3 is $(python3 --version 2>&1))"
@@ -250,6 +273,7 @@ case "$cmd" in
         ensure_haproxy
         ensure_chromium
         ensure_synapse
+        ensure_promtool
         ensure_venv
         say "ruff"
         "$VENV/bin/ruff" check spoa tests bench setup.py

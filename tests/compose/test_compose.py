@@ -307,6 +307,15 @@ def test_prometheus_scrapes_the_agent_and_haproxy(project: Project) -> None:
 
     wait_until(lambda: targets().get("haproxy") == "up", 60, "Prometheus to scrape HAProxy")
     wait_until(lambda: targets().get("spoa") == "up", 60, "Prometheus to scrape the agent")
+    # And it evaluates matrix-spoa's alerting rules (deploy/prometheus/alerts.yml).
+    conn = http.client.HTTPConnection("127.0.0.1", 9090, timeout=5)
+    try:
+        conn.request("GET", "/api/v1/rules")
+        groups = json.loads(conn.getresponse().read())["data"]["groups"]
+    finally:
+        conn.close()
+    names = {rule["name"] for group in groups for rule in group["rules"]}
+    assert {"SpoaAgentDown", "SpoaClassWithoutWorker", "SpoaPolicyVersionsDiffer"} <= names
 
 
 def test_the_agent_killed_leaves_routing_to_the_fallback_with_no_failed_request(
