@@ -10,13 +10,12 @@ metric, status page) and the last good one, or none, is kept.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass, field
 
 from .policy import CompiledPolicy, Decision, PolicyError, Request
 from .policy.compiled import Users
-from .policy.reload import PolicyHolder
+from .policy.reload import PolicyHolder, poll
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +83,7 @@ class Shadow:
             self.stats = ShadowStats()  # counts of another candidate would mislead
 
     async def watch(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                self.reload()
-            except Exception:  # never let the watcher die
-                log.exception("shadow policy reload crashed; the candidate stays")
+        await poll(self.reload, interval, "shadow policy reload crashed; the candidate stays")
 
     def wants(self) -> bool:
         if self.holder is None:

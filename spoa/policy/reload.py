@@ -175,12 +175,18 @@ class PolicyHolder:
 
     async def watch(self, interval: float) -> None:
         """Poll the file every ``interval`` seconds until cancelled."""
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                self.reload()
-            except Exception:  # never let the watcher die
-                log.exception("policy reload crashed; the running policy stays")
+        await poll(self.reload, interval, "policy reload crashed; the running policy stays")
+
+
+async def poll(reload: Callable[[], object], interval: float, crashed: str) -> None:
+    """Call ``reload`` every ``interval`` seconds until cancelled; an exception is logged
+    (``crashed``) and the next call made as usual."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            reload()
+        except Exception:  # never let the watcher die
+            log.exception(crashed)
 
 
 def _identities(files: FileSnapshot) -> dict[str, tuple[int, int]]:
