@@ -149,7 +149,9 @@ class Recorder:
 
     def _open(self) -> TextIO:
         # Raises OSError at start (the agent refuses to start); later, stops recording.
-        return open(self.path, "a", encoding="utf-8", buffering=1)
+        # Only the agent's user reads it: paths name users and rooms, src their addresses.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        return os.fdopen(fd, "a", encoding="utf-8", buffering=1)
 
     @property
     def active(self) -> bool:

@@ -106,6 +106,7 @@ def test_rotation_keeps_the_file_and_one_before_it_under_the_limit(tmp_path: Pat
         for line in each.read_text().splitlines():
             json.loads(line)
     assert recorder.stats.written == 300
+    assert path.stat().st_mode & 0o777 == 0o600
 
 
 def test_a_write_error_stops_recording_not_routing(tmp_path: Path) -> None:
