@@ -20,7 +20,8 @@ import yaml
 from tests.e2e.synapse import SYNAPSE_PYTHON
 from tests.k8s_render import kustomize, overlay
 
-pytestmark = pytest.mark.e2e
+# Synapse's configuration only, no HAProxy: once, not again per HAProxy version.
+pytestmark = [pytest.mark.e2e, pytest.mark.haproxy_free]
 
 ROOT = Path(__file__).resolve().parents[2]
 SYNAPSE = ROOT / "deploy" / "synapse"
