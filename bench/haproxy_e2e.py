@@ -18,20 +18,32 @@ line per configuration:
 
   ratio agent/native 0.512
 
+Requests per second move with whatever else the machine runs. With
+``--callgrind N`` the native and fallback HAProxy (and the ``--also``
+variants) run under valgrind's callgrind instead, and the bench counts the
+instructions HAProxy spends on N requests of the same mix (after one pass of
+the mix to warm it up), sent one after the other on one connection: a count
+that is the same whatever the load beside it. It prints instructions per
+request and their ratio native/fallback (user space only: the kernel's share,
+the same for both, is not in it, so the ratio is a floor of what throughput
+would show on an idle machine).
+
 Usage:
     python bench/haproxy_e2e.py [--seconds 10] [--rounds 3] [--haproxy PATH]
                                 [--connections 50] [--policy FILE]
-                                [--conf DIR] [--also DIR ...]
+                                [--conf DIR] [--also DIR ...] [--callgrind N]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -126,6 +138,8 @@ class Config:
     agent_http: str | None = None
     #: HAProxy's log (the shipped log-format: via=agent|fallback per request).
     log: Path | None = None
+    #: callgrind's output file, with --callgrind.
+    callgrind: Path | None = None
     results: list[Result] = field(default_factory=list)
 
 
@@ -298,6 +312,71 @@ def measure(config: Config, script: Path, seconds: float, connections: int) -> R
     )
 
 
+CALLGRIND = ("valgrind", "--tool=callgrind", "--instr-atstart=no", "-q")
+
+
+def callgrind_prefix(out: Path) -> tuple[str, ...]:
+    """Run a command under callgrind, counting nothing until told to (callgrind_control -i on)."""
+    return (*CALLGRIND, f"--callgrind-out-file={out}")
+
+
+def send_requests(port: int, requests: list[Any]) -> int:
+    """Send ``requests`` one after the other on a kept-alive connection; the non-200 answers."""
+    errors = 0
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        for request in requests:
+            body = b"{}" if request.method in ("PUT", "POST") else None
+            connection.request(request.method, request.target, body, dict(request.headers))
+            response = connection.getresponse()
+            response.read()
+            errors += response.status != 200
+            if response.will_close:
+                connection.close()
+    finally:
+        connection.close()
+    return errors
+
+
+def count_instructions(config: Config, requests: list[Any]) -> tuple[int, int]:
+    """HAProxy's instructions on ``requests``, once warmed by them, and the non-200 answers.
+
+    HAProxy is stopped after: callgrind writes its counts when the process ends.
+    """
+    assert config.callgrind is not None
+    send_requests(config.port, requests)
+    instrument(config.haproxy_pid, "on")
+    errors = send_requests(config.port, requests)
+    instrument(config.haproxy_pid, "off")
+    os.kill(config.haproxy_pid, signal.SIGTERM)
+    wait(lambda: _ended(config.haproxy_pid), 120, f"{config.name} HAProxy to end")
+    return callgrind_total(config.callgrind), errors
+
+
+def instrument(pid: int, state: str) -> None:
+    """Turn callgrind's counting on or off in a running process (it exits 0 even when it fails)."""
+    out = subprocess.run(
+        ["callgrind_control", "-i", state, str(pid)], capture_output=True, text=True, check=False
+    )
+    if "OK." not in out.stdout:
+        raise SystemExit(f"callgrind_control -i {state} {pid} failed:\n{out.stdout}{out.stderr}")
+
+
+def _ended(pid: int) -> bool:
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:
+        return True
+
+
+def callgrind_total(out: Path) -> int:
+    """The instructions (Ir) of a callgrind output file."""
+    for line in out.read_text().splitlines():
+        if line.startswith("totals:"):
+            return int(line.split()[1])
+    raise SystemExit(f"no totals in {out}")
+
+
 def wait(predicate: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -323,6 +402,28 @@ def servers_up(stats_port: int, backend: str) -> int:
     return count
 
 
+def report_instructions(configs: list[Config], count: int, version: str) -> int:
+    """--callgrind: HAProxy's instructions per request of each configuration."""
+    mix = list(generate(count, Deployment(users=200, rooms=50, remotes=20, seed=5)))
+    print(
+        f"haproxy_e2e --callgrind: {version.splitlines()[0]}; {count} requests of the mix, "
+        "one connection, after one pass to warm up"
+    )
+    per_request: dict[str, float] = {}
+    for config in configs:
+        total, errors = count_instructions(config, mix)
+        per_request[config.name] = total / count
+        print(
+            f"{config.name:10} {per_request[config.name]:10.0f} instructions per request "
+            f"(HAProxy, user space)  errors {errors}"
+        )
+    native = per_request["native"]
+    for name, cost in per_request.items():
+        if name != "native":
+            print(f"ratio native/{name} {native / cost:.3f}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -345,7 +446,22 @@ def main() -> int:
         "DIR is laid out as haproxy/), measured in the same rounds as fallback-<name of DIR> "
         "(repeatable: variants side by side)",
     )
+    parser.add_argument(
+        "--callgrind",
+        type=int,
+        metavar="N",
+        help="count HAProxy's instructions on N requests under valgrind (native, fallback "
+        "and the --also variants) instead of measuring requests/s",
+    )
+    parser.add_argument(
+        "--callgrind-out",
+        metavar="DIR",
+        help="keep callgrind's output files in DIR (NAME.callgrind, for callgrind_annotate)",
+    )
     args = parser.parse_args()
+    if args.callgrind and not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        print("haproxy_e2e: --callgrind needs valgrind (apt-get install valgrind)", file=sys.stderr)
+        return 2
     if shutil.which("wrk") is None:
         print("haproxy_e2e: needs wrk (apt-get install wrk)", file=sys.stderr)
         return 2
@@ -379,7 +495,12 @@ def main() -> int:
         )
         configs: list[Config] = []
         variants = {f"fallback-{Path(d).name}": Path(d).resolve() for d in args.also}
-        for name in ("native", "agent", "fallback", *variants):
+        names = ("native", "fallback") if args.callgrind else ("native", "agent", "fallback")
+        # Under valgrind, HAProxy starts and answers its first checks slowly.
+        up_timeout = 180 if args.callgrind else 30
+        for name in (*names, *variants):
+            out = workdir / f"{name}.callgrind"
+            prefix = callgrind_prefix(out) if args.callgrind else ()
             router = Router(
                 workdir=workdir / name,
                 policy=policy,
@@ -393,6 +514,7 @@ def main() -> int:
                 router.haproxy_dir = Path(args.conf).resolve()
             if name in variants:
                 router.haproxy_dir = variants[name]
+            router.haproxy_prefix = prefix
             loop.call(router.start_dns())
             for worker_class, endpoints in workers.items():
                 if worker_class != "main":
@@ -406,12 +528,13 @@ def main() -> int:
                 )
                 log = (router.workdir / "haproxy.log").open("ab")
                 proc = subprocess.Popen(
-                    [binary, "-db", "-f", str(router.workdir / "native.cfg")],
+                    [*prefix, binary, "-db", "-f", str(router.workdir / "native.cfg")],
                     stdout=log,
                     stderr=subprocess.STDOUT,
                 )
                 procs.append(proc)
                 configs.append(Config(name, router.port, proc.pid))
+                configs[-1].callgrind = out if args.callgrind else None
             else:
                 if name == "agent":
                     router.start_agent()
@@ -427,14 +550,25 @@ def main() -> int:
                         agent_pid,
                         router.agent_http if agent_pid else None,
                         logged,
+                        out if args.callgrind else None,
                     )
                 )
                 stats = router.stats_port
                 wanted = 1 if name == "agent" else 0
-                wait(lambda s=stats, w=wanted: servers_up(s, "be_spoa") == w, 30, f"{name} agent")
-                wait(lambda s=stats: servers_up(s, "be_synchrotron") == 2, 30, f"{name} workers")
+                wait(
+                    lambda s=stats, w=wanted: servers_up(s, "be_spoa") == w,
+                    up_timeout,
+                    f"{name} agent",
+                )
+                wait(
+                    lambda s=stats: servers_up(s, "be_synchrotron") == 2,
+                    up_timeout,
+                    f"{name} workers",
+                )
             os.sched_setaffinity(0, LOAD_CPU)
         time.sleep(3)  # the native router's checks
+        if args.callgrind:
+            return report_instructions(configs, args.callgrind, version.stdout)
         script = workdir / "mix.lua"
         wrk_script(script, 5000)
         print(
@@ -485,6 +619,10 @@ def main() -> int:
             router.stop_router()
         for proc in procs:
             stop_process(proc)
+        if args.callgrind_out:
+            Path(args.callgrind_out).mkdir(parents=True, exist_ok=True)
+            for out in workdir.glob("*.callgrind"):
+                shutil.copy(out, Path(args.callgrind_out) / out.name)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

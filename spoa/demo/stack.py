@@ -145,6 +145,8 @@ class Router:
     expect_agent: bool = True
     #: More arguments of the agent's ``spoa serve`` (--record, --shadow, ...).
     agent_args: tuple[str, ...] = ()
+    #: A command HAProxy runs under (valgrind, for the instruction counts of the bench).
+    haproxy_prefix: tuple[str, ...] = ()
     agent: subprocess.Popen[bytes] | None = None
     haproxy: subprocess.Popen[bytes] | None = None
     classes: tuple[str, ...] = ()
@@ -243,7 +245,7 @@ class Router:
             raise StackError(f"haproxy -c failed:\n{check.stdout}{check.stderr}")
         log = (self.workdir / "haproxy.log").open("ab")
         self.haproxy = subprocess.Popen(
-            [binary, "-db", "-f", config],
+            [*self.haproxy_prefix, binary, "-db", "-f", config],
             env=self.haproxy_env(),
             stdout=log,
             stderr=subprocess.STDOUT,
