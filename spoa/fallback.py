@@ -14,19 +14,21 @@ One map entry per path pattern of every rule, in the policy's order (HAProxy
 tries a ``map_reg`` map's regexes in order and takes the first that
 matches), then one matching everything for the policy's default::
 
-    # matrix-spoa fallback map 1: policy synapse-workers 3f2a9c0d1e2b
+    # matrix-spoa fallback map 2: policy synapse-workers 3f2a9c0d1e2b
     ^/_matrix/client/(?:r0|v3)/sync(?=\\x20)[^\\x20]*\\x20[^\\x20]*\\x20(?=...) \\
-        synchrotron sync user 3f2a9c0d1e2b #0
+        synchrotron 2 #0 3f2a9c0d1e2b sync
     ...
-    ^ main default none 3f2a9c0d1e2b #0
+    ^ main 0 #0 3f2a9c0d1e2b default
 
 (one entry a line; the first is cut here).
 
 A key (the regex) is the rule's path pattern as PCRE reads it within the
 path (:mod:`spoa.policy.native`), then, for a rule with conditions, the
 methods and the query conditions (a parameter present with a value, or
-not). A value is the class, the rule, the key kind, the policy version and
-the key salt, separated by spaces.
+not). A value is the class, the key kind (a number, :data:`KIND_CODES`), the
+key salt, the policy version and the rule, separated by spaces: haproxy.cfg
+reads the short fields from the front and the rule from the back, and tests
+the kind with integer matches, the cheapest HAProxy has.
 HAProxy's map files hold a key, spaces, a value and nothing else on a line,
 and ``#`` starts a comment: a key never holds a space (``\\x20`` stands
 for one) and never starts with ``#``.
@@ -41,13 +43,26 @@ import tempfile
 from pathlib import Path
 from typing import Final
 
-from .policy import CompiledPolicy
+from .policy import CompiledPolicy, KeyKind
 from .policy.compiled import key_salt
 from .policy.native import SEPARATOR, path_regex
 
 log = logging.getLogger("spoa.fallback")
 
-FORMAT: Final = "matrix-spoa fallback map 1"
+FORMAT: Final = "matrix-spoa fallback map 2"
+
+#: The key kinds as the map gives them; haproxy.cfg's key lines test these
+#: numbers (a test holds the two equal). Kinds that share lines are neighbours,
+#: so one range test covers them: token and user, origin and src.
+KIND_CODES: Final[dict[KeyKind, int]] = {
+    KeyKind.NONE: 0,
+    KeyKind.TOKEN: 1,
+    KeyKind.USER: 2,
+    KeyKind.ROOM: 3,
+    KeyKind.ORIGIN: 4,
+    KeyKind.SRC: 5,
+    KeyKind.URI: 6,
+}
 _HEADER: Final = re.compile(rf"^# {FORMAT}: policy (\S+) ([0-9a-f]+)$")
 
 
@@ -77,14 +92,24 @@ def map_entries(policy: CompiledPolicy) -> list[tuple[str, str]]:
             tail = f"[^{SEPARATOR}]*{SEPARATOR}{methods}{SEPARATOR}"
             tail += "".join(f"(?={_present(name)})" for name in spec.query_present)
             tail += "".join(f"(?!{_present(name)})" for name in spec.query_absent)
-        value = f"{rule.worker_class} {rule.name} {rule.key.value} {policy.version} {salt}"
+        value = _value(rule.worker_class, rule.key, salt, policy.version, rule.name)
         for pattern in spec.paths:
             entries.append((path_regex(pattern) + tail, value))
     default = policy.default
     entries.append(
-        ("^", f"{default.worker_class} {default.name} {default.key.value} {policy.version} {salt}")
+        ("^", _value(default.worker_class, default.key, salt, policy.version, default.name))
     )
     return entries
+
+
+def _value(worker_class: str, kind: KeyKind, salt: str, version: str, rule: str) -> str:
+    return f"{worker_class} {KIND_CODES[kind]} {salt} {version} {rule}"
+
+
+def entry_version(value: str) -> str | None:
+    """The policy version in a map entry's value, or None if it has no such field."""
+    fields = value.split(" ")
+    return fields[3] if len(fields) == 5 else None
 
 
 def fallback_map(policy: CompiledPolicy, entries: list[tuple[str, str]] | None = None) -> str:

@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .fallback import fallback_map, map_entries, map_version
+from .fallback import entry_version, fallback_map, map_entries, map_version
 from .findings import Finding, Level
 from .matrix.keys import NATIVE_REGEXES
 from .policy import CompiledPolicy
@@ -95,7 +95,7 @@ def check_running(
         return
     report.running = list(running) == map_entries(policy)
     if not report.running:
-        versions = {value.split(" ")[3] for _, value in running if value.count(" ") >= 3}
+        versions = {v for _, value in running if (v := entry_version(value)) is not None}
         report.running_detail = (
             f"policy version {', '.join(sorted(versions))}" if versions else "empty"
         )

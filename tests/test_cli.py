@@ -234,8 +234,8 @@ def test_check_haproxy_fails_on_a_map_of_this_version_with_other_entries(
     written = tmp_path / "fallback.map"
     assert spoa("fallback", SYNAPSE, "-o", str(written)).returncode == 0
     text = written.read_text()
-    assert " typing typing none " in text
-    written.write_text(text.replace(" typing typing none ", " main typing none ", 1))
+    assert " typing 0 #0 " in text
+    written.write_text(text.replace(" typing 0 #0 ", " main 0 #0 ", 1))
     result = spoa("check", SYNAPSE, "--haproxy", HAPROXY_CFG, "--fallback-map", str(written))
     assert result.returncode == 1
     assert f"error: {written} is not a whole fallback map (of this policy's version" in (

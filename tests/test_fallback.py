@@ -14,8 +14,17 @@ from pathlib import Path
 import pytest
 
 from spoa.demo.ports import free_port
-from spoa.fallback import FORMAT, fallback_map, map_entries, map_version, publish, write_map
-from spoa.policy import CompiledPolicy, Request, load_policy
+from spoa.fallback import (
+    FORMAT,
+    KIND_CODES,
+    entry_version,
+    fallback_map,
+    map_entries,
+    map_version,
+    publish,
+    write_map,
+)
+from spoa.policy import CompiledPolicy, KeyKind, Request, load_policy
 from spoa.traffic import Deployment, generate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +45,7 @@ def lookup(policy: CompiledPolicy, request: Request) -> tuple[str, str]:
     target = f"{request.path} {request.method} {query}"
     for regex, value in _COMPILED[policy.version]:
         if regex.match(target):
-            worker_class, rule, *_ = value.split(" ")
+            worker_class, _kind, _salt, _version, rule = value.split(" ")
             return worker_class, rule
     raise AssertionError(f"no entry for {target!r}")
 
@@ -54,13 +63,13 @@ def test_the_map_routes_every_request_to_the_class_and_rule_the_policy_does(name
 def test_every_path_pattern_of_every_rule_has_an_entry_in_order(name: str) -> None:
     policy = load_policy(str(ROOT / "policies" / f"{name}.yaml"))
     entries = map_entries(policy)
-    rules = [value.split(" ")[1] for _, value in entries]
+    rules = [value.split(" ")[-1] for _, value in entries]
     expected = [r.name for r in policy.rules for _ in (r.spec.paths if r.spec else ())]
     assert rules == [*expected, "default"]
     assert entries[-1] == (
         "^",
-        f"{policy.default.worker_class} default {policy.default.key.value} "
-        f"{policy.version} #{policy.seed}",
+        f"{policy.default.worker_class} {KIND_CODES[policy.default.key]} #{policy.seed} "
+        f"{policy.version} default",
     )
     for regex, value in entries:
         assert " " not in regex and "\t" not in regex and not regex.startswith("#")
@@ -76,7 +85,8 @@ def test_a_conditional_rule_keeps_its_methods_and_query_conditions(tmp_path: Pat
     )
     policy = load_policy(str(policy_file))
     (regex, value), _ = map_entries(policy)
-    assert value == f"a r room {policy.version} #7"
+    assert value == f"a 3 #7 {policy.version} r"
+    assert entry_version(value) == policy.version
     for method, query, rule in (
         ("PUT", "x=1", "r"),
         ("GET", "a&x=1&b", "r"),
@@ -92,6 +102,22 @@ def test_a_conditional_rule_keeps_its_methods_and_query_conditions(tmp_path: Pat
         assert policy.decide(request).rule == rule, (method, query)
         assert lookup(policy, request)[1] == rule, (method, query)
     assert not re.match(regex, "/rx PUT x=1")  # "$": the end of the path, not of the string
+
+
+def test_every_key_kind_has_the_number_haproxy_cfg_tests_it_by() -> None:
+    """haproxy.cfg's key lines test the kind by number; its comment lists them."""
+    config = (ROOT / "haproxy" / "haproxy.cfg").read_text()
+    listed = re.search(r"is a number \(spoa/fallback.py KIND_CODES\): ((?:.|\n)*?);", config)
+    assert listed is not None
+    text = re.sub(r"\s*#\s*", " ", listed.group(1))
+    pairs = dict(re.findall(r"(\d+) (\w+)", text))
+    assert {KeyKind(kind): int(code) for code, kind in pairs.items()} == KIND_CODES
+    assert set(KIND_CODES) == set(KeyKind) and len(set(KIND_CODES.values())) == len(KeyKind)
+    # Each number the key lines test is a kind's.
+    ranges = re.findall(r"fb_kind\) -m int ([\d:]+)", config)
+    tested = {int(n) for r in ranges for n in r.split(":")}
+    assert tested and tested <= set(KIND_CODES.values())
+    assert entry_version("a 0 #0 v r") == "v" and entry_version("a r none v #0 x") is None
 
 
 def test_a_map_is_replaced_whole_and_not_rewritten_when_unchanged(tmp_path: Path) -> None:
