@@ -92,7 +92,7 @@ MAP_DEFAULT = '"${SPOA_FALLBACK_MAP-/run/matrix-spoa/fallback.map}"'
 def fallback_block(map_path: Path) -> str:
     """The fallback's lines of haproxy/haproxy.cfg, reading ``map_path``."""
     lines = REFERENCE_CONFIG.read_text().splitlines()
-    first = next(i for i, line in enumerate(lines) if "set-var-fmt(txn.fb_in)" in line)
+    first = next(i for i, line in enumerate(lines) if "set-var-fmt(txn.fb)" in line)
     last = next(i for i, line in enumerate(lines) if " pathq," in line)
     block = "\n".join(lines[first : last + 1])
     assert block.count(MAP_DEFAULT) == 1, block
