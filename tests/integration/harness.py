@@ -257,7 +257,19 @@ class HAProxy:
             stderr=subprocess.STDOUT,
         )
         log.close()
-        wait_until(lambda: port_open(port), 15, "HAProxy to listen")
+        # Another process may hold the port a moment (a free port is only free
+        # when picked): HAProxy then exits, and the port answers all the same.
+        # Ready is this HAProxy alive, listening, and with its runtime API
+        # socket when the configuration has one.
+        wants_socket = f"stats socket {self.admin_socket} " in self.config_path.read_text()
+        proc = self.proc
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"HAProxy exited {proc.returncode}:\n{self.log()}")
+            return port_open(port) and (not wants_socket or self.admin_socket.exists())
+
+        wait_until(ready, 15, "HAProxy to listen")
         return self
 
     def stop(self) -> None:
