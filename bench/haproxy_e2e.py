@@ -499,8 +499,8 @@ def main() -> int:
         # Under valgrind, HAProxy starts and answers its first checks slowly.
         up_timeout = 180 if args.callgrind else 30
         for name in (*names, *variants):
-            out = workdir / f"{name}.callgrind"
-            prefix = callgrind_prefix(out) if args.callgrind else ()
+            out = workdir / f"{name}.callgrind" if args.callgrind else None
+            prefix = callgrind_prefix(out) if out is not None else ()
             router = Router(
                 workdir=workdir / name,
                 policy=policy,
@@ -533,8 +533,7 @@ def main() -> int:
                     stderr=subprocess.STDOUT,
                 )
                 procs.append(proc)
-                configs.append(Config(name, router.port, proc.pid))
-                configs[-1].callgrind = out if args.callgrind else None
+                configs.append(Config(name, router.port, proc.pid, callgrind=out))
             else:
                 if name == "agent":
                     router.start_agent()
@@ -550,7 +549,7 @@ def main() -> int:
                         agent_pid,
                         router.agent_http if agent_pid else None,
                         logged,
-                        out if args.callgrind else None,
+                        out,
                     )
                 )
                 stats = router.stats_port

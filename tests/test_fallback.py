@@ -113,11 +113,26 @@ def test_every_key_kind_has_the_number_haproxy_cfg_tests_it_by() -> None:
     pairs = dict(re.findall(r"(\d+) (\w+)", text))
     assert {KeyKind(kind): int(code) for code, kind in pairs.items()} == KIND_CODES
     assert set(KIND_CODES) == set(KeyKind) and len(set(KIND_CODES.values())) == len(KeyKind)
-    # Each number the key lines test is a kind's.
-    ranges = re.findall(r"fb_kind\) -m int ([\d:]+)", config)
-    tested = {int(n) for r in ranges for n in r.split(":")}
-    assert tested and tested <= set(KIND_CODES.values())
-    assert entry_version("a 0 #0 v r") == "v" and entry_version("a r none v #0 x") is None
+    # Each kind's lines test its own number: a line, by what it reads, and the
+    # kinds it serves (neighbours, one range).
+    code = KIND_CODES
+    served = {
+        "set-var(txn.fb_tok) 'req.fhdr(authorization)": (KeyKind.TOKEN, KeyKind.USER),
+        "set-var(txn.fb_qtok) 'query,": (KeyKind.TOKEN, KeyKind.USER),
+        "field(2,_),ub64dec": (KeyKind.USER,),
+        "set-var(txn.fb_room) 'path,": (KeyKind.ROOM,),
+        "set-var(txn.fb_origin) 'req.fhdr(authorization)": (KeyKind.ORIGIN,),
+        "set-var(txn.route.key) 'src,": (KeyKind.ORIGIN, KeyKind.SRC),
+        "set-var(txn.route.key) pathq,": (KeyKind.URI,),
+    }
+    tests = re.findall(r"^\s*http-request (.*fb_kind\) -m int [\d:]+.*)$", config, re.MULTILINE)
+    assert len(tests) == len(served)
+    for marker, kinds in served.items():
+        (line,) = [line for line in tests if marker in line]
+        low, high = code[kinds[0]], code[kinds[-1]]
+        assert high - low == len(kinds) - 1, kinds  # a range holds no other kind
+        wanted = f"{low}:{high}" if high > low else f"{low}"
+        assert f"{{ var(txn.fb_kind) -m int {wanted} }}" in line, (marker, line)
 
 
 def test_a_map_is_replaced_whole_and_not_rewritten_when_unchanged(tmp_path: Path) -> None:
@@ -138,6 +153,7 @@ def test_map_version_tells_a_map_from_anything_else() -> None:
     assert text.startswith(f"# {FORMAT}: policy simple {policy.version}\n")
     assert map_version(text) == policy.version
     assert map_version("^/x a r none v #0\n") is None
+    assert entry_version("a 0 #0 v r") == "v" and entry_version("a r none v #0 x") is None
     assert map_version("policy: x\n") is None
 
 
