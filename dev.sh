@@ -46,10 +46,20 @@ ensure_haproxy() {
 }
 
 # HAProxy 3.x, built from the upstream sources next to this checkout
-# (../shared/haproxy-src, or $SPOA_HAPROXY_SRC) into a cache outside the
+# (../shared/haproxy-src; for a clone of a local checkout made elsewhere, the
+# one next to that checkout; or $SPOA_HAPROXY_SRC) into a cache outside the
 # repository, keyed by the tarball's checksum and the build options; a fresh
 # machine builds it (about a minute each on 2 cores).
-HAPROXY_SRC=${SPOA_HAPROXY_SRC:-$(cd .. && pwd)/shared/haproxy-src}
+haproxy_src() {
+    local beside origin
+    beside="$(cd .. && pwd)/shared/haproxy-src"
+    origin=$(git config --get remote.origin.url 2>/dev/null || true)
+    if [ ! -d "$beside" ] && [ -d "$origin/../shared/haproxy-src" ]; then
+        beside=$(cd "$origin/../shared/haproxy-src" && pwd)
+    fi
+    printf '%s\n' "$beside"
+}
+HAPROXY_SRC=${SPOA_HAPROXY_SRC:-$(haproxy_src)}
 HAPROXY_CACHE=${SPOA_HAPROXY_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/matrix-spoa/haproxy}
 HAPROXY_OPTIONS="TARGET=linux-glibc USE_LUA=1 LUA_INC=/usr/include/lua5.4 LUA_LIB_NAME=lua5.4 USE_PCRE2=1 USE_PCRE2_JIT=1 USE_OPENSSL=1 USE_PROMEX=1"
 
@@ -57,7 +67,7 @@ HAPROXY_OPTIONS="TARGET=linux-glibc USE_LUA=1 LUA_INC=/usr/include/lua5.4 LUA_LI
 haproxy_build() {
     local version=$1 tarball sum key dir
     tarball="$HAPROXY_SRC/haproxy-$version.tar.gz"
-    [ -f "$tarball" ] || { say "no $tarball"; return 1; }
+    [ -f "$tarball" ] || { say "no $tarball (SPOA_HAPROXY_SRC names the directory of the HAProxy tarballs)"; return 1; }
     sum=$(sha256sum "$tarball" | cut -d' ' -f1)
     if [ -f "$HAPROXY_SRC/SHA256SUMS" ] && ! grep -q "^$sum  haproxy-$version.tar.gz$" "$HAPROXY_SRC/SHA256SUMS"; then
         say "$tarball does not match $HAPROXY_SRC/SHA256SUMS"
